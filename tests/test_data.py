@@ -1,0 +1,104 @@
+"""Datasets, transforms and deterministic sampling."""
+import io
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+
+def test_to_rgb_handles_modes():
+    assert data.to_rgb(Image.new("L", (4, 4), 7)).getpixel((0, 0)) == (7, 7, 7)
+    assert data.to_rgb(Image.new("RGBA", (4, 4), (10, 20, 30, 0))).getpixel((0, 0)) == (255, 255, 255)
+    assert data.to_rgb(Image.new("P", (4, 4))).mode == "RGB"
+    g16 = Image.fromarray(np.full((4, 4), 65535, np.uint16))  # 16-bit gray is rescaled, not clipped
+    assert data.to_rgb(g16).getpixel((0, 0)) == (255, 255, 255)
+    g16 = Image.fromarray(np.full((4, 4), 257 * 100, np.uint16))
+    assert data.to_rgb(g16).getpixel((0, 0)) == (100, 100, 100)
+
+
+def test_builtin_is_deterministic_labeled_and_any_size():
+    a, b = data.BuiltinSource(32, 20), data.BuiltinSource(32, 20)
+    assert np.array_equal(np.asarray(a.load(3)), np.asarray(b.load(3)))
+    assert not np.array_equal(np.asarray(a.load(3)), np.asarray(a.load(13)))  # same class, other pose
+    assert a.num_classes >= 10 and a.labels[:10] == list(range(10))
+    val = data.BuiltinSource(32, 20, split="val")
+    assert not np.array_equal(np.asarray(val.load(3)), np.asarray(a.load(3)))
+    for s in (32, 64, 256):
+        assert data.BuiltinSource(s, 1).load(0).size == (s, s)
+    with pytest.raises(ValueError):
+        data.BuiltinSource(16, 1)
+
+
+def test_builtin_classes_are_shapes_not_colours():
+    # the mean colour of an image carries (almost) no class information: the shape does
+    src = data.BuiltinSource(32, 400)
+    means = np.stack([np.asarray(src.load(i), np.float64).mean((0, 1)) for i in range(400)])
+    labels = np.array(src.labels)
+    per_class = np.stack([means[labels == c].mean(0) for c in range(10)])
+    assert per_class.std(0).max() < 0.5 * means.std(0).min()
+
+
+def test_transforms():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8))
+    assert data.center_crop_arr(img, 32).size == (32, 32)
+    rng = np.random.default_rng(0)
+    x = data.transform(img, 32, True, rng)
+    assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1
+    sq = Image.fromarray(np.tile(np.arange(64, dtype=np.uint8)[None, :, None], (64, 1, 3)))
+    assert data.center_crop_arr(sq, 64).size == (64, 64)
+    assert np.array_equal(np.asarray(data.center_crop_arr(sq, 64)), np.asarray(sq))
+    u8 = data.to_uint8(data.to_tensor(sq)[None])[0].numpy()
+    assert np.array_equal(u8, np.asarray(sq))  # to_tensor / to_uint8 round trip is exact
+
+
+def test_rank_indices_partition_and_shuffle():
+    parts = [data.rank_indices(10, 0, 0, r, 3) for r in range(3)]
+    assert all(len(p) == 4 for p in parts) and set(sum(parts, [])) == set(range(10))
+    assert parts == [data.rank_indices(10, 0, 0, r, 3) for r in range(3)]
+    assert data.rank_indices(10, 1, 0, 0, 1) != data.rank_indices(10, 0, 0, 0, 1)
+    b = data.epoch_batches(10, 0, 0, 0, 1, 4, start=1)
+    assert len(b) == 1 and all(e == 0 for _, e in b[0])
+
+
+def _write_folder(root):
+    for c in ("cats", "dogs"):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            arr = np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / c / f"{i}.png")
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(buf, "JPEG")
+    (root / "cats" / "truncated.jpg").write_bytes(buf.getvalue()[:100])
+    (root / "dogs" / "notes.txt").write_text("not an image")
+
+
+def test_imagefolder_labels_and_corrupt_files_skipped(tmp_path):
+    _write_folder(tmp_path)
+    src = data.ImageFolderSource(str(tmp_path))
+    assert src.classes == ["cats", "dogs"] and len(src) == 8
+    ds = data.ImageDataset(src, 32, train=True)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        items = [ds[(i, 0)] for i in range(len(ds))]
+    assert sum(s for *_, s in items) == 2 and len(w) == 2 and "skipping unreadable image" in str(w[0].message)
+    assert all(x.shape == (3, 32, 32) for x, *_ in items)
+    assert sorted({y for _, y, _ in items}) == [0, 1]
+
+
+def test_flat_folder_npz_and_errors(tmp_path):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    assert data.ImageFolderSource(str(tmp_path)).num_classes == 1
+    np.savez(tmp_path / "x.npz", np.zeros((5, 8, 8, 3), np.uint8), np.arange(5))
+    src = data.build_source(str(tmp_path / "x.npz"), 8)
+    assert len(src) == 5 and src.labels == [0, 1, 2, 3, 4] and src.load(0).size == (8, 8)
+    np.savez(tmp_path / "y.npz", np.zeros((5, 8, 8, 3), np.uint8))
+    assert data.NpzSource(str(tmp_path / "y.npz")).labels == [0] * 5
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no files"):
+        data.ImageFolderSource(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        data.build_source(str(tmp_path / "missing"), 8)

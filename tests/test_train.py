@@ -1,0 +1,114 @@
+"""train_tokenizer.py end to end on CPU: checkpoints, exact resume, stage 2, flags, DDP smoke."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_tokenizer
+from conftest import ROOT
+from tokenizer import MAETok, TokenizerConfig
+
+BASE = ["--preset", "tiny", "--global_batch_size", "8", "--lr", "1e-3", "--warmup_steps", "2",
+        "--perceptual_weight", "0", "--builtin_size", "40", "--num_workers", "0", "--log_every", "1",
+        "--eval_every", "-1", "--grid_every", "-1", "--ema_decay", "0.9"]
+
+
+def metrics(run):
+    return [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl"))]
+
+
+def test_checkpoint_round_trip(tmp_path):
+    run = train_tokenizer.main(BASE + ["--max_steps", "2", "--results_dir", str(tmp_path),
+                                       "--grid_every", "2", "--eval_every", "2", "--eval_images", "8"])
+    path = os.path.join(run, "checkpoints", "0000002.pt")
+    ck = torch.load(path, weights_only=True)  # plain values and tensors only
+    assert {"model", "ema", "optimizer", "step", "config", "args", "rng"} <= set(ck) and ck["step"] == 2
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
+    model = MAETok(TokenizerConfig(**ck["config"])).eval()
+    model.load_state_dict(ck["ema"])
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert model(x)[0].shape == x.shape
+    assert os.path.exists(os.path.join(run, "grids", "0000002.png"))
+    log = open(os.path.join(run, "log.txt")).read()
+    assert "parameters: encoder" in log and "held-out PSNR" in log
+    rec = metrics(run)[0]
+    assert {"step", "pixel", "hog", "loss", "lr", "grad_norm", "img_per_s"} <= set(rec)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    # 40 images / batch 8 = 5 steps per epoch: the resumed stretch crosses an epoch boundary
+    full = train_tokenizer.main(BASE + ["--max_steps", "7", "--results_dir", str(tmp_path / "a")])
+    half = train_tokenizer.main(BASE + ["--max_steps", "3", "--results_dir", str(tmp_path / "b")])
+    train_tokenizer.main(BASE + ["--max_steps", "7", "--resume", half])
+    a, b = metrics(full), metrics(half)
+    assert [r["step"] for r in b] == list(range(1, 8))
+    for ra, rb in zip(a, b):
+        for k in ("loss", "pixel", "hog", "grad_norm", "lr"):
+            assert ra[k] == rb[k], (ra["step"], k, ra[k], rb[k])  # bitwise on CPU fp32
+    ca = torch.load(os.path.join(full, "checkpoints", "0000007.pt"), weights_only=True)
+    cb = torch.load(os.path.join(half, "checkpoints", "0000007.pt"), weights_only=True)
+    assert all(torch.equal(ca["ema"][k], cb["ema"][k]) for k in ca["ema"])
+
+
+def test_decoder_finetune_freezes_encoder_and_drops_aux(tmp_path):
+    stage1 = train_tokenizer.main(BASE + ["--max_steps", "2", "--results_dir", str(tmp_path)])
+    run = train_tokenizer.main(BASE + ["--max_steps", "3", "--results_dir", str(tmp_path), "--stage",
+                                       "decoder_finetune", "--init_from", stage1, "--mask_anneal_steps", "2"])
+    s1 = torch.load(os.path.join(stage1, "checkpoints", "0000002.pt"), weights_only=True)["ema"]
+    s2 = torch.load(os.path.join(run, "checkpoints", "0000003.pt"), weights_only=True)
+    assert not any(k.startswith("aux.") for k in s2["model"]) and tuple(s2["config"]["aux_targets"]) == ()
+    enc = [k for k in s2["model"] if k.startswith("encoder.")]
+    assert enc and all(torch.equal(s2["model"][k], s1[k]) for k in enc)  # frozen: encoder + latent tokens
+    dec = [k for k in s2["model"] if k.startswith("decoder.")]
+    assert any(not torch.equal(s2["model"][k], s1[k]) for k in dec)  # the pixel decoder trains
+    assert [r["mask_ratio"] for r in metrics(run)] == [0.6, 0.3, 0.0]  # linear 0.6 -> 0
+    assert all(set(r) >= {"pixel"} and "hog" not in r for r in metrics(run))
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "train_tokenizer.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, **kw)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--mask_ratio", "1.5"], "--mask_ratio"),
+    (["--mask-ratio", "0.5"], "unrecognized arguments: --mask-ratio"),
+    (["--preset", "huge"], "invalid choice: 'huge'"),
+    (["--stage", "decoder_finetune"], "needs --init_from"),
+])
+def test_bad_flags_are_rejected_clearly(args, msg):
+    r = _cli(*args)
+    assert r.returncode == 2 and msg in r.stderr
+
+
+def test_missing_data_and_bad_checkpoint_are_clear_errors(tmp_path):
+    r = _cli("--preset", "tiny", "--data_path", str(tmp_path / "nope"), "--results_dir", str(tmp_path))
+    assert r.returncode != 0 and "is not a folder" in r.stderr
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    r = _cli("--resume", str(tmp_path / "bad.pt"))
+    assert r.returncode != 0 and "cannot read checkpoint" in r.stderr
+
+
+def test_corrupt_image_in_training_data_is_skipped_and_counted(tmp_path):
+    from test_data import _write_folder
+    _write_folder(tmp_path / "imgs")
+    run = train_tokenizer.main(BASE + [
+        "--data_path", str(tmp_path / "imgs"), "--max_steps", "2", "--results_dir", str(tmp_path)])
+    assert sum(r["skipped_images"] for r in metrics(run)) >= 1
+
+
+@pytest.mark.slow
+def test_torchrun_two_process_cpu_smoke(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           "train_tokenizer.py", *BASE, "--max_steps", "3", "--results_dir", str(tmp_path)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = next(Path(tmp_path).iterdir())
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3]
+    ck = torch.load(run / "checkpoints" / "0000003.pt", weights_only=True)
+    assert len(ck["rng"]) == 2 and "2 ranks x 4" in (run / "log.txt").read_text()
