@@ -112,3 +112,12 @@ def test_torchrun_two_process_cpu_smoke(tmp_path):
     assert [m["step"] for m in metrics(run)] == [1, 2, 3]
     ck = torch.load(run / "checkpoints" / "0000003.pt", weights_only=True)
     assert len(ck["rng"]) == 2 and "2 ranks x 4" in (run / "log.txt").read_text()
+
+
+def test_perceptual_term_with_local_vgg(tmp_path):
+    from pretrained import VGG16Features
+    torch.save(VGG16Features().state_dict(), tmp_path / "vgg16.pth")  # official key layout, features.*
+    run = train_tokenizer.main(BASE + ["--max_steps", "2", "--results_dir", str(tmp_path), "--perceptual_weight",
+                                       "1", "--perceptual_warmup", "0", "--vgg_ckpt", str(tmp_path / "vgg16.pth")])
+    rec = metrics(run)[-1]
+    assert rec["lpips"] > 0 and abs(rec["loss"] - rec["pixel"] - rec["hog"] - rec["lpips"]) < 1e-5
