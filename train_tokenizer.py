@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
+from pretrained import load_lpips
 from tokenizer import PRESETS, MAETok, TokenizerConfig, make_config, random_mask, unpatchify
 
 # flags a resumed run may change; every other flag is restored from the checkpoint
@@ -264,10 +265,9 @@ def main(argv=None):
     lpips = None
     if args.perceptual_weight > 0:
         try:
-            from pretrained import load_lpips
-        except ImportError as e:
-            sys.exit(f"error: the perceptual loss needs pretrained.py ({e}); pass --perceptual_weight 0")
-        lpips = load_lpips(args.vgg_ckpt).to(device)
+            lpips = load_lpips(args.vgg_ckpt).to(device)
+        except (RuntimeError, FileNotFoundError, KeyError) as e:
+            sys.exit(f"error: LPIPS: {e} (or train without it: --perceptual_weight 0)")
     fwd = torch.compile(model) if args.compile else model
     fwd = DDP(fwd, device_ids=[local] if device.type == "cuda" else None) if ddp else fwd
 
