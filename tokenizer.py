@@ -152,12 +152,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim, hidden):
+    def __init__(self, dim, hidden, approximate="none"):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.approximate = approximate  # exact GELU (timm default); 'tanh' where an official model uses it
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))  # exact GELU (timm default)
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
 
 
 class LayerScale(nn.Module):

@@ -26,12 +26,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from pretrained import load_lpips
+from pretrained import DINOV2_ARCHS, dinov2_target, load_lpips
 from tokenizer import PRESETS, MAETok, TokenizerConfig, make_config, random_mask, unpatchify
 
 # flags a resumed run may change; every other flag is restored from the checkpoint
 RESUME_FLAGS = ("max_steps", "log_every", "eval_every", "ckpt_every", "grid_every", "num_workers", "compile",
-                "keep_checkpoints", "eval_images", "resume", "vgg_ckpt")
+                "keep_checkpoints", "eval_images", "resume", "vgg_ckpt", "dinov2_ckpt")
 NO_DECAY = ("pos_embed", "cls_token", "mask_token", "latent_tokens", "rope.freqs")  # embeddings: no weight decay
 
 
@@ -43,7 +43,13 @@ def parse_args(argv=None):
     p.add_argument("--builtin_size", type=int, default=50_000, help="number of built-in training images")
     p.add_argument("--image_size", type=int, default=None, help="resolution (default: the preset's)")
     p.add_argument("--rope", default=None, choices=["mixed", "axial"], help="2D RoPE variant (default: preset)")
-    p.add_argument("--aux_targets", default="hog", help="comma list of aux decoder targets, '' for none")
+    p.add_argument("--aux_targets", default="hog",
+                   help="comma list of aux decoder targets from hog,dinov2 ('' for none; the paper adds SigLIP)")
+    p.add_argument("--dinov2_arch", default="vitl14", choices=sorted(DINOV2_ARCHS),
+                   help="DINOv2 teacher for the dinov2 target (official MAETok: ViT-L/14)")
+    p.add_argument("--dinov2_mode", default="patch", choices=["patch", "resize"],
+                   help="patch: kernel resampled to the tokenizer patch (official MAETok); resize: image to grid*14")
+    p.add_argument("--dinov2_ckpt", default=None, help="local official DINOv2 .pth (default: official URL)")
     p.add_argument("--mask_ratio", type=float, default=0.6, help="max mask ratio (truncated-normal peak)")
     p.add_argument("--mask_ratio_min", type=float, default=0.4, help="min mask ratio")
     p.add_argument("--global_batch_size", type=int, default=512, help="images per optimizer step, all ranks")
@@ -88,6 +94,8 @@ def parse_args(argv=None):
         (args.image_size is None or args.image_size > 0, "--image_size must be positive"),
         (args.stage == "main" or args.init_from or args.resume, "--stage decoder_finetune needs --init_from"),
         (args.builtin_size > 0 and args.eval_images > 0, "--builtin_size and --eval_images must be positive"),
+        (set(args.aux_targets.split(",")) <= {"", "hog", "dinov2"},
+         f"--aux_targets {args.aux_targets!r}: choose from hog,dinov2 (SigLIP is not implemented yet)"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -217,7 +225,8 @@ def main(argv=None):
         cfg = TokenizerConfig(**{**init["config"], "aux_targets": ()})  # aux decoders are dropped (paper)
     else:
         over = {"aux_targets": tuple(t for t in args.aux_targets.split(",") if t),
-                "mask_ratio": args.mask_ratio, "mask_ratio_min": args.mask_ratio_min}
+                "mask_ratio": args.mask_ratio, "mask_ratio_min": args.mask_ratio_min,
+                "feature_dims": {"dinov2": DINOV2_ARCHS[args.dinov2_arch][0]}}
         if args.image_size:
             over["image_size"] = args.image_size
         if args.rope:
@@ -268,6 +277,13 @@ def main(argv=None):
             lpips = load_lpips(args.vgg_ckpt).to(device)
         except (RuntimeError, FileNotFoundError, KeyError) as e:
             sys.exit(f"error: LPIPS: {e} (or train without it: --perceptual_weight 0)")
+    if "dinov2" in model.aux:  # frozen teacher, not part of the checkpoint
+        try:
+            teacher = dinov2_target(cfg.image_size, cfg.patch_size, args.dinov2_arch, args.dinov2_mode,
+                                    args.dinov2_ckpt).to(device)
+        except (RuntimeError, FileNotFoundError, KeyError) as e:
+            sys.exit(f"error: DINOv2 target: {e} (or train without it: --aux_targets hog)")
+        model.set_feature_target("dinov2", teacher)
     fwd = torch.compile(model) if args.compile else model
     fwd = DDP(fwd, device_ids=[local] if device.type == "cuda" else None) if ddp else fwd
 

@@ -1,0 +1,124 @@
+"""
+Benchmarks on the current device (CPU, or one GPU with bf16 autocast): throughput and peak memory of
+tokenizer training, of the pretrained feature networks, and (once diffusion.py exists) of diffusion training,
+sampling and forward FLOPs. Numbers go in the README; nothing here is asserted by a test.
+
+  python bench.py                       # everything
+  python bench.py --only tokenizer      # tokenizer | pretrained | diffusion
+"""
+import argparse
+import resource
+import time
+from contextlib import nullcontext
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from pretrained import FIDInceptionV3, LPIPS, DinoViT, dinov2_config
+from tokenizer import MAETok, make_config
+
+
+def timed(fn, steps, warmup, device):
+    """Seconds per call of fn, after warmup calls."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / steps
+
+
+def peak_memory(device):
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB peak allocated"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB process peak RSS"
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def gflops(fn):
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops() / 1e9
+
+
+def bench_tokenizer(args, device, ctx):
+    for preset, batch in (("tiny", 64), ("MAETok-B-128", args.batch_size)):
+        reset_peak(device)
+        model = MAETok(make_config(preset)).to(device).train()
+        fwd = torch.compile(model) if args.compile else model
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        x = torch.rand(batch, 3, model.cfg.image_size, model.cfg.image_size, device=device) * 2 - 1
+
+        def step():
+            with ctx:
+                loss = fwd(x)[1]["loss"]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        s = timed(step, args.steps, args.warmup, device)
+        fl = gflops(lambda: model.eval()(x[:1])) if not args.compile else float("nan")
+        print(f"tokenizer {preset:13s} train  batch {batch:4d}: {batch / s:8.1f} img/s  ({s * 1e3:.0f} ms/step), "
+              f"forward {fl:.1f} GFLOPs/img, {peak_memory(device)}")
+        del model, opt, fwd
+
+
+@torch.no_grad()
+def bench_pretrained(args, device, ctx):
+    # random weights: speed does not depend on the values
+    nets = [("FID InceptionV3 (pool3, TF resize)", FIDInceptionV3("tf"), 256, lambda n: torch.rand(n, 3, 256, 256)),
+            ("LPIPS-VGG 256 px (pair)", LPIPS(), 256, None),
+            ("DINOv2-B/14 224 px", DinoViT(dinov2_config("vitb14")), 224, lambda n: torch.randn(n, 3, 224, 224))]
+    for name, net, res, make in nets:
+        net = net.to(device).eval()
+        n = args.feature_batch
+        if make is None:
+            x0, x1 = (torch.rand(n, 3, res, res, device=device) * 2 - 1 for _ in range(2))
+            fn = lambda: net(x0, x1)
+        else:
+            x = make(n).to(device)
+            fn = lambda: net(x)
+        reset_peak(device)
+        with ctx:
+            s = timed(fn, args.steps, args.warmup, device)
+        mem = f", {peak_memory(device)}" if device.type == "cuda" else ""  # CPU RSS is the process's, not the net's
+        print(f"{name:36s} batch {n:4d}: {n / s:8.1f} img/s{mem}")
+
+
+def main():
+    p = argparse.ArgumentParser(description="nanotok benchmarks on the current device")
+    p.add_argument("--only", default="tokenizer,pretrained,diffusion", help="comma list of benchmark groups")
+    p.add_argument("--batch_size", type=int, default=None, help="MAETok-B-128 / SiT-XL batch (default 4 CPU, 64 GPU)")
+    p.add_argument("--feature_batch", type=int, default=None, help="feature-network batch (default 16 CPU, 256 GPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed iterations (default 3 CPU, 20 GPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default 1 CPU, 5 GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the trained models")
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
+    args.batch_size = args.batch_size or (64 if gpu else 4)
+    args.feature_batch = args.feature_batch or (256 if gpu else 16)
+    args.steps = args.steps or (20 if gpu else 3)
+    args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if gpu else nullcontext()
+    name = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name} | torch {torch.__version__} | {'bf16 autocast' if gpu else 'fp32'}")
+    groups = args.only.split(",")
+    torch.manual_seed(0)
+    if "tokenizer" in groups:
+        bench_tokenizer(args, device, ctx)
+    if "pretrained" in groups:
+        bench_pretrained(args, device, ctx)
+
+
+if __name__ == "__main__":
+    main()
