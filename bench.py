@@ -1,10 +1,11 @@
 """
 Benchmarks on the current device (CPU, or one GPU with bf16 autocast): throughput and peak memory of
-tokenizer training, of the pretrained feature networks, and (once diffusion.py exists) of diffusion training,
-sampling and forward FLOPs. Numbers go in the README; nothing here is asserted by a test.
+tokenizer training, of the pretrained feature networks, and of diffusion training, sampling and forward
+FLOPs. Numbers go in the README; nothing here is asserted by a test.
 
   python bench.py                       # everything
   python bench.py --only tokenizer      # tokenizer | pretrained | diffusion
+On CPU the XL sampling rate is extrapolated from 2 steps to 50.
 """
 import argparse
 import resource
@@ -14,6 +15,8 @@ from contextlib import nullcontext
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from diffusion import DiT, Transport, guided_velocity
+from diffusion import make_config as make_dit_config
 from pretrained import FIDInceptionV3, LPIPS, DinoViT, dinov2_config
 from tokenizer import MAETok, make_config
 
@@ -92,6 +95,40 @@ def bench_pretrained(args, device, ctx):
         print(f"{name:36s} batch {n:4d}: {n / s:8.1f} img/s{mem}")
 
 
+def bench_diffusion(args, device, ctx):
+    """Denoiser training img/s, 50-step Euler sampling img/s (no CFG; CFG doubles the batch) and forward FLOPs
+    per image (FlopCounterMode: 2 per multiply-add; the DiT paper's "Gflops" count multiply-adds)."""
+    for preset, (L, C), batch in (("tiny", (32, 8), 64), ("SiT-XL", (128, 32), args.batch_size),
+                                  ("LightningDiT-XL", (128, 32), args.batch_size)):
+        reset_peak(device)
+        model = DiT(make_dit_config(preset, in_channels=C, num_tokens=L, num_classes=1000)).to(device)
+        fwd = torch.compile(model) if args.compile else model
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        x, y, tr = torch.randn(batch, L, C, device=device), torch.randint(1000, (batch,), device=device), Transport()
+
+        def step():
+            with ctx:
+                loss = tr.loss(fwd, x, y)["loss"]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        s = timed(step, args.steps, args.warmup, device)
+        mem = peak_memory(device)
+        model.eval()
+        with torch.no_grad():
+            fl = gflops(lambda: model(x[:1], torch.rand(1, device=device), y[:1]))
+            steps = 50 if device.type == "cuda" or preset == "tiny" else 2
+
+            def sample():
+                with ctx:
+                    tr.sample(guided_velocity(fwd, y), torch.randn_like(x), "euler", steps)
+            ss = timed(sample, 1, 1, device) * 50 / steps
+        print(f"diffusion {preset:15s} ({L}x{C}) batch {batch:4d}: train {batch / s:8.1f} img/s, "
+              f"sample (50 Euler steps) {batch / ss:8.2f} img/s, forward {fl:.1f} GFLOPs/img "
+              f"({fl / 2:.1f} GMACs), {mem}")
+        del model, opt, fwd
+
+
 def main():
     p = argparse.ArgumentParser(description="nanotok benchmarks on the current device")
     p.add_argument("--only", default="tokenizer,pretrained,diffusion", help="comma list of benchmark groups")
@@ -118,6 +155,8 @@ def main():
         bench_tokenizer(args, device, ctx)
     if "pretrained" in groups:
         bench_pretrained(args, device, ctx)
+    if "diffusion" in groups:
+        bench_diffusion(args, device, ctx)
 
 
 if __name__ == "__main__":

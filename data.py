@@ -6,6 +6,7 @@ sampling, and the one uint8 conversion / PNG grid writer.
 Every random choice of the data pipeline is a function of (seed, epoch, index) or (seed, epoch, rank), so a
 resumed run sees exactly the batches an uninterrupted run would, whatever the number of loader workers.
 """
+import json
 import math
 import os
 import warnings
@@ -316,3 +317,83 @@ def epoch_batches(n, epoch, seed, rank, world, batch_size, start=0):
     batches = [[(i, epoch) for i in idx[b * batch_size:(b + 1) * batch_size]]
                for b in range(len(idx) // batch_size)]
     return batches[start:]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# latent cache (LightningDiT style): every image encoded with and without horizontal flip, in shards written
+# by each rank, plus meta.json with the tokenizer's config and the per-channel latent statistics
+
+CACHE_META = "meta.json"
+
+
+def write_latent_shard(out_dir, rank, k, indices, labels, latents, latents_flip, dtype):
+    """One shard file: (n, L, C) latents of images `indices` and of their mirror images; atomic."""
+    if dtype == torch.float16 and max(latents.abs().max(), latents_flip.abs().max()) > 6e4:
+        raise ValueError("latents exceed the float16 range: rebuild the cache with --cache_dtype float32")
+    path = os.path.join(out_dir, f"shard-{rank:03d}-{k:05d}.pt")
+    torch.save({"indices": torch.as_tensor(indices), "labels": torch.as_tensor(labels),
+                "latents": latents.to(dtype).cpu(), "latents_flip": latents_flip.to(dtype).cpu()}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return os.path.basename(path)
+
+
+def channel_moments(z):
+    """float64 (count, sum over (B, L) per channel, sum of squares) of latents z (B, L, C)."""
+    z = z.double().reshape(-1, z.shape[-1])
+    return torch.cat([torch.tensor([float(z.shape[0])], dtype=torch.float64), z.sum(0), (z * z).sum(0)])
+
+
+def moments_to_stats(m):
+    """Per-channel mean and std (unbiased) from summed channel_moments."""
+    n, C = m[0], (len(m) - 1) // 2
+    mean = m[1:1 + C] / n
+    var = (m[1 + C:] - n * mean ** 2) / (n - 1)
+    return mean.float(), var.clamp_min(1e-12).sqrt().float()
+
+
+class LatentCache(torch.utils.data.Dataset):
+    """Reads a cache folder. Item (index, epoch) -> (latent (L, C) float32, label): the plain or the flipped
+    version, chosen by a coin that is a function of (seed, epoch, index), so a resumed run sees the same data.
+    Shards are memory-mapped; rows are ordered by dataset index whatever the number of ranks that wrote them."""
+
+    def __init__(self, path, seed=0):
+        meta_path = os.path.join(path, CACHE_META)
+        if not os.path.isfile(meta_path):
+            raise FileNotFoundError(f"--cache_path {path!r} has no {CACHE_META}: build the cache first with "
+                                    f"cache_latents.py --tokenizer_ckpt ... --cache_path {path}")
+        with open(meta_path) as f:
+            self.meta = json.load(f)
+        self.shards = [torch.load(os.path.join(path, s), mmap=True, weights_only=True) for s in self.meta["shards"]]
+        idx = torch.cat([s["indices"] for s in self.shards])
+        order = idx.argsort()                                                  # row i = dataset index i
+        self.shard_of = torch.cat([torch.full((len(s["indices"]),), k) for k, s in enumerate(self.shards)])[order]
+        self.row_of = torch.cat([torch.arange(len(s["indices"])) for s in self.shards])[order]
+        self.labels = torch.cat([s["labels"] for s in self.shards])[order].tolist()
+        if len(self.labels) != self.meta["num_images"]:
+            raise ValueError(f"cache {path!r} is incomplete: {len(self.labels)} of {self.meta['num_images']} "
+                             f"latents found; rebuild it")
+        self.mean = torch.tensor(self.meta["mean"])
+        self.std = torch.tensor(self.meta["std"])
+        self.seed = seed
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, item):
+        i, epoch = item if isinstance(item, tuple) else (item, 0)
+        flip = np.random.default_rng([self.seed, epoch, i, 7]).random() < 0.5
+        shard = self.shards[self.shard_of[i]]
+        return shard["latents_flip" if flip else "latents"][self.row_of[i]].float(), self.labels[i]
+
+    def check(self, tokenizer_config=None, num_tokens=None, in_channels=None):
+        """A clear error when the cache does not belong to this tokenizer / model."""
+        L, C = self.meta["latent_shape"]
+        if tokenizer_config is not None and tokenizer_config != self.meta["tokenizer_config"]:
+            diff = sorted(k for k in tokenizer_config if tokenizer_config[k] != self.meta["tokenizer_config"].get(k))
+            raise ValueError(f"the latent cache was made by another tokenizer (config differs in {diff}); "
+                             f"rebuild it with cache_latents.py")
+        if (num_tokens, in_channels) != (None, None) and (num_tokens, in_channels) != (L, C):
+            raise ValueError(f"the latent cache holds ({L}, {C}) latents but the model expects "
+                             f"({num_tokens}, {in_channels})")
+        if len(self.mean) != C or len(self.std) != C:
+            raise ValueError(f"the cache statistics have {len(self.mean)} channels, its latents {C}")

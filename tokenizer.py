@@ -439,11 +439,23 @@ class MAETok(nn.Module):
 PRESETS = {
     # paper: ViT-B encoder and pixel decoder (~176M), 256 px, patch 16, 128 tokens x 32 channels
     "MAETok-B-128": dict(),
-    # CPU: 32 px, patch 4 (64 patches), 32 tokens x 8 channels
+    # CPU: 32 px, patch 4 (64 patches), 32 tokens x 8 channels. LayerScale starts at 0.1, not 1e-5: with 1e-5
+    # the encoder output ignores the image for the first hundreds of steps (measured on the quick start: pixel
+    # MSE 0.200 vs 0.164 at step 400)
     "tiny": dict(image_size=32, patch_size=4, enc_width=128, enc_depth=4, enc_heads=4, dec_width=128,
                  dec_depth=4, dec_heads=4, num_latent_tokens=32, latent_dim=8, aux_width=64, aux_depth=2,
-                 aux_heads=2),
+                 aux_heads=2, layerscale_init=0.1),
 }
+
+
+def from_checkpoint(ckpt, ema=True):
+    """A trained tokenizer (aux decoders dropped) in eval mode from a train_tokenizer.py checkpoint dict;
+    EMA weights by default, or a released-style dict holding only `ema`."""
+    cfg = TokenizerConfig(**{**ckpt["config"], "aux_targets": ()})
+    sd = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
+    model = MAETok(cfg)
+    model.load_state_dict({k: v for k, v in sd.items() if not k.startswith("aux.")})
+    return model.eval().requires_grad_(False)
 
 
 def make_config(preset, **overrides):

@@ -153,6 +153,27 @@ def ema_update(ema, model, decay):
         b_ema.copy_(b)
 
 
+def setup_distributed():
+    """torchrun sets RANK: DDP with NCCL on GPU, gloo on CPU; otherwise one process. TF32 on."""
+    ddp = "RANK" in os.environ
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+    else:
+        rank, world, local = 0, 1, 0
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return ddp, rank, world, local, device
+
+
+def autocast_context(flag, device):
+    """--precision auto: bf16 autocast on GPU, fp32 on CPU."""
+    precision = ("bf16" if device.type == "cuda" else "fp32") if flag == "auto" else flag
+    return precision, (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext())
+
+
 def count(module):
     return sum(p.numel() for p in module.parameters())
 
@@ -200,19 +221,8 @@ def save_grid(model, ema, x, mask_ratio, path, ctx):
 
 def main(argv=None):
     args = parse_args(argv)
-    # ---- distributed set-up: torchrun sets RANK; otherwise one process
-    ddp = "RANK" in os.environ
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
-    else:
-        rank, world, local = 0, 1, 0
-    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    ddp, rank, world, local, device = setup_distributed()
+    precision, ctx = autocast_context(args.precision, device)
 
     # ---- resume / init: the checkpoint fixes the config and every flag but a few run-length ones
     ckpt = load_checkpoint(args.resume) if args.resume else None

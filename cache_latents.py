@@ -1,0 +1,114 @@
+"""
+Encode a dataset once with a trained tokenizer (EMA weights), each image with and without horizontal flip
+(LightningDiT's latent cache), into shards, with the per-channel latent mean and std for normalization.
+One script for a CPU process, one GPU, or torchrun (each rank encodes every world-th image).
+
+  python cache_latents.py --tokenizer_ckpt results/000-MAETok-tiny --cache_path results/cache-tiny
+  torchrun --nproc_per_node=8 cache_latents.py --tokenizer_ckpt tok.pt --data_path /data/imagenet/train \
+      --cache_path /data/cache/maetok-b-128
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+from tokenizer import from_checkpoint
+from train_tokenizer import autocast_context, find_checkpoint, load_checkpoint, setup_distributed
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Encode a dataset into a latent cache for train_diffusion.py")
+    p.add_argument("--tokenizer_ckpt", required=True, help="tokenizer run folder or checkpoint (EMA weights used)")
+    p.add_argument("--data_path", default=data.BUILTIN, help="ImageFolder folder, .npz file, or 'builtin'")
+    p.add_argument("--builtin_size", type=int, default=50_000, help="number of built-in training images")
+    p.add_argument("--cache_path", required=True, help="output folder (shards + meta.json)")
+    p.add_argument("--batch_size", type=int, default=64, help="images per forward on one rank")
+    p.add_argument("--cache_dtype", default="float16", choices=["float16", "float32"], help="stored latent dtype")
+    p.add_argument("--shard_size", type=int, default=10_000, help="images per shard file")
+    p.add_argument("--num_workers", type=int, default=4, help="data loader workers per rank")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto = bf16 autocast on GPU, fp32 on CPU")
+    args = p.parse_args(argv)
+    if args.batch_size <= 0 or args.shard_size <= 0 or args.builtin_size <= 0:
+        p.error("--batch_size, --shard_size and --builtin_size must be positive")
+    return args
+
+
+def normalized_config(cfg):
+    """A tokenizer config as it reads back from JSON (tuples become lists), aux decoders aside: what a cache
+    and a diffusion checkpoint record and compare."""
+    return json.loads(json.dumps({**cfg, "aux_targets": []}))
+
+
+@torch.no_grad()
+def main(argv=None):
+    args = parse_args(argv)
+    ddp, rank, world, _, device = setup_distributed()
+    _, ctx = autocast_context(args.precision, device)
+    ckpt_path = find_checkpoint(args.tokenizer_ckpt)
+    ckpt = load_checkpoint(ckpt_path)
+    tok = from_checkpoint(ckpt).to(device)
+    size = tok.cfg.image_size
+    try:
+        src = data.build_source(args.data_path, size, "train", args.builtin_size)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    ds = data.ImageDataset(src, size, train=False)                          # ADM center crop, no augmentation
+    if rank == 0:
+        os.makedirs(args.cache_path, exist_ok=True)
+        if os.path.exists(os.path.join(args.cache_path, data.CACHE_META)):  # an old meta never describes new shards
+            os.remove(os.path.join(args.cache_path, data.CACHE_META))
+    if ddp:
+        dist.barrier()
+    mine = list(range(rank, len(ds), world))
+    dtype = getattr(torch, args.cache_dtype)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, mine), batch_size=args.batch_size,
+                                         num_workers=args.num_workers)
+    shards, buf, done = [], {"i": [], "y": [], "z": [], "zf": []}, 0
+    moments = torch.zeros(1 + 2 * tok.cfg.latent_dim, dtype=torch.float64)
+    for x, y, _ in tqdm(loader, disable=rank != 0, desc="encoding"):
+        x = x.to(device)
+        with ctx:
+            z, zf = tok.encode(x).float(), tok.encode(x.flip(-1)).float()   # (B, L, C) each
+        moments = moments + data.channel_moments(z)
+        buf["i"] += mine[done:done + len(x)]
+        buf["y"] += y.tolist()
+        buf["z"].append(z.cpu())
+        buf["zf"].append(zf.cpu())
+        done += len(x)
+        if len(buf["i"]) >= args.shard_size or done == len(mine):
+            shards.append(data.write_latent_shard(args.cache_path, rank, len(shards), buf["i"], buf["y"],
+                                                  torch.cat(buf["z"]), torch.cat(buf["zf"]), dtype))
+            buf = {"i": [], "y": [], "z": [], "zf": []}
+    moments = moments.to(device)
+    all_shards = [None] * world
+    if ddp:
+        dist.all_reduce(moments)
+        dist.all_gather_object(all_shards, shards)
+    else:
+        all_shards = [shards]
+    if rank == 0:
+        mean, std = data.moments_to_stats(moments.cpu())
+        meta = {"num_images": len(ds), "num_classes": src.num_classes, "image_size": size,
+                "latent_shape": [tok.cfg.num_latent_tokens, tok.cfg.latent_dim], "grid": None,
+                "mean": mean.tolist(), "std": std.tolist(), "dtype": args.cache_dtype,
+                "tokenizer_ckpt": os.path.abspath(ckpt_path), "tokenizer_step": ckpt.get("step"),
+                "tokenizer_config": normalized_config(ckpt["config"]),
+                "data_path": args.data_path, "shards": [s for r in all_shards for s in r]}
+        tmp = os.path.join(args.cache_path, data.CACHE_META + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(tmp, os.path.join(args.cache_path, data.CACHE_META))     # written last: the cache is complete
+        print(f"cache {args.cache_path}: {len(ds)} images x 2 flips, latents {meta['latent_shape']}, "
+              f"channel mean {mean.mean():.4f} (avg), std {std.mean():.4f} (avg)")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

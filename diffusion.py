@@ -1,0 +1,371 @@
+"""
+SiT and LightningDiT denoisers in a tokenizer's latent space, and the flow-matching Transport.
+
+SiT: "Exploring Flow and Diffusion-based Generative Models with Scalable Interpolant Transformers" (Ma et al.
+2024, github.com/willisma/SiT), i.e. DiT blocks with adaLN-Zero on a linear path. LightningDiT (Yao et al. 2025,
+github.com/hustvl/LightningDiT) is the same model with switches: RMSNorm, SwiGLU, RoPE, QK-norm. As in the
+MAETok / AlignTok / MacTok papers the patch size is 1: each latent token (1D) or grid cell (2D) is one token.
+
+Conventions (DESIGN.md): latents are (B, L, C), channel last. Time: x_t = (1 - t) x + t eps, t = 1 is noise,
+velocity target v = eps - x, samplers integrate t from 1 to 0 (the REPA / MAETok convention; SiT and LightningDiT
+themselves use t = 0 as noise, see ../shared/notes/official-implementations.md C.1).
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class DiTConfig:
+    in_channels: int = 32       # latent channels C
+    num_tokens: int = 128       # L (for a grid latent, grid[0] * grid[1])
+    grid: tuple = None          # (H, W) of a 2D grid latent; None for 1D tokens
+    width: int = 1152
+    depth: int = 28
+    heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000     # 0: unconditional
+    class_dropout: float = 0.1  # label -> null class with this probability in training (for CFG)
+    # LightningDiT switches
+    norm: str = "layernorm"     # 'layernorm' (DiT: no affine, eps 1e-6) or 'rmsnorm' (learnable weight)
+    ffn: str = "gelu"           # 'gelu' (tanh GELU MLP, DiT) or 'swiglu' (hidden 2/3 * 4D)
+    rope: bool = False          # RoPE on q, k in every block (1D for tokens, 2D for grids), theta 10000
+    qk_norm: bool = False       # RMSNorm of q and k per head
+
+
+# ----------------------------------------------------------------------------------------------------------
+# embeddings
+
+def sincos_1d(dim, pos):
+    """Fixed sin-cos embedding (MAE / DiT get_1d_sincos_pos_embed_from_grid): pos (N,) -> (N, dim)."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    out = np.outer(pos.reshape(-1).astype(np.float64), omega)                  # (N, dim/2)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_pos_embed(dim, num_tokens, grid=None):
+    """(N, dim): 1D over token index, or 2D (DiT get_2d_sincos_pos_embed: half the dims per axis)."""
+    if grid is None:
+        return torch.from_numpy(sincos_1d(dim, np.arange(num_tokens))).float()
+    h, w = grid
+    gw, gh = np.meshgrid(np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64))  # DiT: w first
+    emb = np.concatenate([sincos_1d(dim // 2, gw), sincos_1d(dim // 2, gh)], axis=1)
+    return torch.from_numpy(emb).float()
+
+
+def rope_table(head_dim, num_tokens, grid=None, theta=10000.0):
+    """(N, head_dim) angles for rotate-half RoPE; for grids half the pairs follow the row, half the column."""
+    if grid is None:
+        pos = [torch.arange(num_tokens, dtype=torch.float32)]
+    else:
+        h, w = grid
+        i = torch.arange(h * w)
+        pos = [(i // w).float(), (i % w).float()]
+    d = head_dim // (2 * len(pos))                                            # rotated pairs per axis
+    freqs = theta ** (-torch.arange(d, dtype=torch.float32) / d)
+    ang = torch.cat([p[:, None] * freqs for p in pos], dim=1)                 # (N, head_dim/2)
+    return torch.cat([ang, ang], dim=1)                                       # (N, head_dim)
+
+
+def apply_rope(x, angles):
+    """Rotate-half RoPE: x (B, h, N, hd), angles (N, hd)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * angles.cos() + torch.cat([-x2, x1], dim=-1) * angles.sin()
+
+
+class TimestepEmbedder(nn.Module):
+    """256-d sinusoid of t in [0, 1] (raw, as SiT / REPA; max period 1e4) -> MLP."""
+
+    def __init__(self, width, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t):
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = t.float()[:, None] * freqs                                     # (B, half)
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+class LabelEmbedder(nn.Module):
+    """Class table with one extra row, the null class (index num_classes), used by label dropout and CFG."""
+
+    def __init__(self, num_classes, width, dropout):
+        super().__init__()
+        self.num_classes, self.dropout = num_classes, dropout
+        self.table = nn.Embedding(num_classes + 1, width)
+
+    def forward(self, y, train):
+        if train and self.dropout > 0:
+            y = torch.where(torch.rand(y.shape, device=y.device) < self.dropout, self.num_classes, y)
+        return self.table(y)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# blocks
+
+def make_norm(kind, dim, affine):
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=1e-6)
+    return nn.LayerNorm(dim, eps=1e-6, elementwise_affine=affine)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
+        self.proj = nn.Linear(cfg.width, cfg.width)
+        hd = cfg.width // cfg.heads
+        self.q_norm = nn.RMSNorm(hd, eps=1e-6) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(hd, eps=1e-6) if cfg.qk_norm else nn.Identity()
+
+    def forward(self, x, rope=None):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, h, N, hd)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, rope).type_as(v), apply_rope(k, rope).type_as(v)
+        x = F.scaled_dot_product_attention(q, k, v)                             # flash / efficient on GPU
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class FeedForward(nn.Module):
+    """DiT MLP (tanh GELU) or LightningDiT SwiGLU (hidden int(2/3 * 4D), with biases)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        D, hidden = cfg.width, int(cfg.width * cfg.mlp_ratio)
+        self.swiglu = cfg.ffn == "swiglu"
+        if self.swiglu:
+            hidden = int(2 * hidden / 3)
+            self.w12, self.w3 = nn.Linear(D, 2 * hidden), nn.Linear(hidden, D)
+        else:
+            self.fc1, self.fc2 = nn.Linear(D, hidden), nn.Linear(hidden, D)
+
+    def forward(self, x):
+        if self.swiglu:
+            x1, x2 = self.w12(x).chunk(2, dim=-1)
+            return self.w3(F.silu(x1) * x2)
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: shift, scale, gate for attention and MLP from SiLU -> Linear(c)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm1, self.norm2 = make_norm(cfg.norm, cfg.width, False), make_norm(cfg.norm, cfg.width, False)
+        self.attn = Attention(cfg)
+        self.mlp = FeedForward(cfg)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 6 * cfg.width))
+
+    def forward(self, x, c, rope=None):
+        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # (B, D) each
+        x = x + g1.unsqueeze(1) * self.attn(modulate(self.norm1(x), sh1, sc1), rope)
+        return x + g2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), sh2, sc2))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm = make_norm(cfg.norm, cfg.width, False)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 2 * cfg.width))
+        self.linear = nn.Linear(cfg.width, cfg.in_channels)                    # patch size 1: one token -> C
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the denoiser
+
+class DiT(nn.Module):
+    """v = f(x_t, t, y): x (B, L, C), t (B,) in [0, 1], y (B,) class ids (num_classes = the null class)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        if cfg.grid is not None and cfg.grid[0] * cfg.grid[1] != cfg.num_tokens:
+            raise ValueError(f"grid {cfg.grid} does not hold {cfg.num_tokens} tokens")
+        self.cfg = cfg
+        self.x_embedder = nn.Linear(cfg.in_channels, cfg.width)                # patch size 1 on (B, L, C)
+        self.t_embedder = TimestepEmbedder(cfg.width)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.width, cfg.class_dropout) if cfg.num_classes else None
+        # SiT's fixed sin-cos APE; LightningDiT keeps it and adds RoPE
+        pe = sincos_pos_embed(cfg.width, cfg.num_tokens, cfg.grid)[None]          # numpy-made: on the CPU
+        self.register_buffer("pos_embed", pe.to(torch.get_default_device()), persistent=False)
+        self.register_buffer("rope", rope_table(cfg.width // cfg.heads, cfg.num_tokens, cfg.grid)
+                             if cfg.rope else None, persistent=False)
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(cfg)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """DiT: xavier-uniform Linears, N(0, 0.02) label table and t-MLP, zero adaLN and final layer."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.table.weight, std=0.02)
+        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            nn.init.normal_(lin.weight, std=0.02)
+        for blk in list(self.blocks) + [self.final_layer]:
+            nn.init.zeros_(blk.adaLN_modulation[-1].weight)
+            nn.init.zeros_(blk.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def forward(self, x, t, y=None):
+        h = self.x_embedder(x) + self.pos_embed                               # (B, L, D)
+        c = self.t_embedder(t)                                                # (B, D)
+        if self.y_embedder is not None:
+            c = c + self.y_embedder(y, self.training)
+        for blk in self.blocks:
+            h = blk(h, c, self.rope)
+        return self.final_layer(h, c)                                         # (B, L, C)
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels=None):
+        """v_u + s (v_c - v_u) on one doubled batch. guide_channels=k guides only the first k channels of the
+        last dim (DiT / SiT / LightningDiT guide 3 "for reproducibility"); None guides all (REPA, MAETok)."""
+        null = torch.full_like(y, self.cfg.num_classes)
+        v_c, v_u = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+        v = v_u + cfg_scale * (v_c - v_u)
+        if guide_channels is not None:
+            v = torch.cat([v[..., :guide_channels], v_c[..., guide_channels:]], dim=-1)
+        return v
+
+
+# ----------------------------------------------------------------------------------------------------------
+# flow matching on the linear path (t = 1 is noise)
+
+def shift_time(t, shift):
+    """Timestep shift t' = s t / (1 + (s - 1) t): fixes 0 and 1, monotone; s > 1 packs steps near the noise end.
+    LightningDiT's shift 0.3 in its own convention (t = 0 noise) is s = 1 / 0.3 here."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+class Transport:
+    """Path, timestep sampling and loss for training; Euler / Heun ODE and Euler-Maruyama SDE samplers."""
+
+    def __init__(self, time_dist="uniform", ln_mu=0.0, ln_sigma=1.0, cosine_loss=False):
+        if time_dist not in ("uniform", "logit_normal"):
+            raise ValueError(f"time_dist {time_dist!r}: choose 'uniform' or 'logit_normal'")
+        self.time_dist, self.ln_mu, self.ln_sigma, self.cosine_loss = time_dist, ln_mu, ln_sigma, cosine_loss
+
+    @staticmethod
+    def path(x, eps, t):
+        """x_t and the velocity target d x_t / dt for x (B, ...), eps like x, t (B,)."""
+        t = t.view(-1, *([1] * (x.dim() - 1)))
+        return (1 - t) * x + t * eps, eps - x
+
+    def sample_t(self, B, device=None, generator=None):
+        if self.time_dist == "uniform":
+            return torch.rand(B, device=device, generator=generator)
+        n = torch.randn(B, device=device, generator=generator)
+        return torch.sigmoid(self.ln_mu + self.ln_sigma * n)                  # logit-normal(mu, sigma)
+
+    def loss(self, model, x, y=None):
+        """x (B, L, C) normalized latents -> dict(mse, [cos], loss). MSE is mean_flat as every official repo;
+        the LightningDiT cosine term is 1 - cos(v_pred, v) along the channel (last) dim, averaged."""
+        t = self.sample_t(x.shape[0], x.device)
+        eps = torch.randn_like(x)
+        x_t, v = self.path(x, eps, t)
+        return self.velocity_loss(model(x_t, t, y).float(), v)
+
+    def velocity_loss(self, pred, v):
+        out = {"mse": ((pred - v) ** 2).mean()}
+        if self.cosine_loss:  # per token, across channels (LightningDiT's dim=1 of (B, C, H, W))
+            out["cos"] = (1 - F.cosine_similarity(pred, v, dim=-1)).mean()
+        out["loss"] = out["mse"] + out.get("cos", 0.0)
+        return out
+
+    @staticmethod
+    def _randn(x, generators):
+        """Fresh noise like x, from one generator per sample (so a sample never depends on its batch)."""
+        if generators is None:
+            return torch.randn_like(x)
+        return torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device) for g in generators]).to(x)
+
+    @torch.no_grad()
+    def sample(self, velocity, noise, sampler="euler", num_steps=50, shift=1.0, generators=None):
+        """Integrate velocity(x, t) -> v from t = 1 (noise) to t = 0.
+        euler / heun: ODE on shift_time(linspace(1, 0, N + 1)) in float64; Heun corrects every step but the last
+        (REPA euler_sampler). sde: Euler-Maruyama (REPA euler_maruyama_sampler) on linspace(1, 0.04, N) then 0,
+        w(t) = 2t, drift v - w/2 * score with score = (-(1 - t) v - x) / t, and a deterministic last step."""
+        x = noise.float()
+        if sampler in ("euler", "heun"):
+            ts = shift_time(torch.linspace(1, 0, num_steps + 1, dtype=torch.float64), shift).tolist()
+            for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+                d = velocity(x, t)
+                x_new = x + (t_next - t) * d
+                if sampler == "heun" and i < num_steps - 1:
+                    x_new = x + (t_next - t) * 0.5 * (d + velocity(x_new, t_next))
+                x = x_new
+            return x
+        if sampler != "sde":
+            raise ValueError(f"sampler {sampler!r}: choose euler, heun or sde")
+        ts = torch.cat([torch.linspace(1, 0.04, num_steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+        ts = shift_time(ts, shift).tolist()
+        for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+            v = velocity(x, t)
+            score = (-(1 - t) * v - x) / t
+            w = 2 * t
+            x = x + (t_next - t) * (v - 0.5 * w * score)                     # the drift step
+            if i < num_steps - 1:                                             # the last step is the mean only
+                x = x + math.sqrt(w * abs(t_next - t)) * self._randn(x, generators)
+        return x
+
+
+def guided_velocity(model, y, cfg_scale=1.0, interval=(0.0, 1.0), guide_channels=None):
+    """velocity(x, t) for the samplers: CFG with scale cfg_scale where interval[0] <= t <= interval[1] (t = 1
+    is noise, so (0, 0.75) leaves the noisiest quarter unguided, as the MAETok paper), plain conditional
+    elsewhere. An unconditional model (num_classes 0) ignores y and the scale."""
+    def velocity(x, t):
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
+        if model.y_embedder is None or cfg_scale == 1.0 or not interval[0] <= t <= interval[1]:
+            return model(x, tt, y).float()
+        return model.forward_with_cfg(x, tt, y, cfg_scale, guide_channels).float()
+    return velocity
+
+
+# ----------------------------------------------------------------------------------------------------------
+# presets (SiT / DiT sizes; LightningDiT = the same sizes with its switches) and their training recipes
+
+SIT = dict(norm="layernorm", ffn="gelu", rope=False, qk_norm=False)
+LIGHTNING = dict(norm="rmsnorm", ffn="swiglu", rope=True, qk_norm=False)  # QK-norm: on for long runs (flag)
+PRESETS = {
+    "SiT-S": dict(width=384, depth=12, heads=6, **SIT),
+    "SiT-B": dict(width=768, depth=12, heads=12, **SIT),
+    "SiT-L": dict(width=1024, depth=24, heads=16, **SIT),
+    "SiT-XL": dict(width=1152, depth=28, heads=16, **SIT),
+    "LightningDiT-B": dict(width=768, depth=12, heads=12, **LIGHTNING),
+    "LightningDiT-XL": dict(width=1152, depth=28, heads=16, **LIGHTNING),
+    "tiny": dict(width=192, depth=6, heads=6, **SIT),
+}
+# SiT: AdamW lr 1e-4, wd 0, batch 256, constant lr, uniform t. LightningDiT: lr 2e-4, beta2 0.95, batch 1024,
+# logit-normal t, cosine loss (official-implementations.md C.2, C.3, C.6)
+RECIPES = {
+    "sit": dict(lr=1e-4, beta2=0.999, global_batch_size=256, time_dist="uniform", cosine_loss=False),
+    "lightning": dict(lr=2e-4, beta2=0.95, global_batch_size=1024, time_dist="logit_normal", cosine_loss=True),
+}
+
+
+def recipe(preset):
+    return RECIPES["lightning" if preset.startswith("LightningDiT") else "sit"]
+
+
+def make_config(preset, **overrides):
+    if preset not in PRESETS:
+        raise ValueError(f"unknown diffusion preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return DiTConfig(**{**PRESETS[preset], **overrides})

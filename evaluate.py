@@ -1,0 +1,531 @@
+"""
+Metrics, as a CLI that prints a table and writes JSON.
+
+  gen     FID, sFID, IS, precision / recall of an ADM-format sample batch against a reference batch, the ADM
+          evaluator's definitions (openai/guided-diffusion/evaluations); or, with --feature_net proxy, FID /
+          precision / recall in the proxy classifier's feature space plus the class accuracy of the samples.
+            python evaluate.py gen --samples s.npz --ref VIRTUAL_imagenet256_labeled.npz
+  recon   tokenizer reconstruction metrics on held-out images: rFID, PSNR, SSIM, LPIPS (EMA weights)
+            torchrun --nproc_per_node=8 evaluate.py recon --ckpt tok.pt --data_path /data/imagenet/val
+  latent  latent probes: linear-probe accuracy on flattened normalized latents, MAETok's GMM analysis
+            python evaluate.py latent --ckpt tok.pt --data_path ...
+
+Definitions: ../shared/notes/official-implementations.md D, ../shared/notes/latent-metrics.md 2 and 9.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import linalg
+from scipy.special import xlogy
+from tqdm import tqdm
+
+import data
+
+# ----------------------------------------------------------------------------------------------------------
+# statistics and distances (numpy float64, as pytorch-fid and the ADM evaluator)
+
+
+def gaussian_stats(feats):
+    """(N, D) features -> mean (D,), unbiased covariance (D, D), in float64."""
+    f = np.asarray(feats, dtype=np.float64)
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^1/2), pytorch-fid / ADM: if the square root is not finite,
+    add eps I to both covariances; a complex result with |imag| > 1e-3 on the diagonal is an error."""
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates")
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag))}")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def inception_score(logits, split_size=5000):
+    """ADM: softmax, per split of split_size exp(mean KL(p(y|x) || p(y))), mean over splits."""
+    preds = torch.softmax(torch.as_tensor(logits, dtype=torch.float64), dim=-1).numpy()
+    scores = []
+    for i in range(0, len(preds), split_size):
+        part = preds[i:i + split_size]
+        kl = xlogy(part, part) - xlogy(part, part.mean(axis=0, keepdims=True))  # 0 log 0 = 0
+        scores.append(np.exp(kl.sum(axis=1).mean()))
+    return float(np.mean(scores))
+
+
+def pairwise_sq_dists(a, b):
+    """Squared Euclidean distances (len(a), len(b)) in float32 (ADM computes them on the accelerator)."""
+    a, b = torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32)
+    return ((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None]).clamp_min(0)
+
+
+def manifold_radii(feats, k=3, block=10_000):
+    """Squared distance of each point to its k-th nearest neighbour in the same set (self excluded)."""
+    radii = []
+    for i in range(0, len(feats), block):
+        d = torch.cat([pairwise_sq_dists(feats[i:i + block], feats[j:j + block])
+                       for j in range(0, len(feats), block)], dim=1)
+        radii.append(d.kthvalue(k + 1, dim=1).values)                        # index k: self is the 0th
+    return torch.cat(radii)
+
+
+def precision_recall(ref, samples, k=3, block=10_000):
+    """Kynkaenniemi et al. (ADM): precision = share of samples inside some reference k-NN ball, recall = share
+    of references inside some sample ball; computed in blocks."""
+    r_ref, r_s = manifold_radii(ref, k, block), manifold_radii(samples, k, block)
+    in_ref = torch.zeros(len(samples), dtype=torch.bool)
+    in_s = torch.zeros(len(ref), dtype=torch.bool)
+    for i in range(0, len(ref), block):
+        for j in range(0, len(samples), block):
+            d = pairwise_sq_dists(ref[i:i + block], samples[j:j + block])     # (refs, samples)
+            in_ref[j:j + block] |= (d <= r_ref[i:i + block, None]).any(dim=0)
+            in_s[i:i + block] |= (d <= r_s[None, j:j + block]).any(dim=1)
+    return in_ref.double().mean().item(), in_s.double().mean().item()
+
+
+def psnr(x, y):
+    """Per-image PSNR in dB of uint8-valued images (B, H, W, 3) (the usual convention: after rounding)."""
+    mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-10))
+
+
+def ssim(x, y, window=11, sigma=1.5):
+    """Per-image SSIM (Wang et al. 2004) of uint8-valued images (B, H, W, 3): 11x11 Gaussian window (std 1.5),
+    K1 0.01, K2 0.03, L 255, valid convolution, per channel, averaged."""
+    x, y = (t.double().permute(0, 3, 1, 2) for t in (x, y))
+    n = torch.arange(window, dtype=torch.float64) - (window - 1) / 2
+    g = torch.exp(-n ** 2 / (2 * sigma ** 2))
+    g = (g / g.sum())
+    w = torch.outer(g, g).expand(3, 1, window, window)
+    blur = lambda t: F.conv2d(t, w, groups=3)
+    mx, my = blur(x), blur(y)
+    sxx, syy, sxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))
+    return s.flatten(1).mean(1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# latent probes (latent-metrics.md sec. 2 and 9)
+
+def linear_probe(z_train, y_train, z_test, y_test, steps=300, weight_decay=1e-4):
+    """Multinomial logistic regression (L-BFGS, full batch) on flattened latents standardized with the
+    training statistics; returns the test accuracy."""
+    z_train, z_test = z_train.flatten(1).double(), z_test.flatten(1).double()
+    mu, sd = z_train.mean(0), z_train.std(0).clamp_min(1e-6)
+    a, b = (z_train - mu) / sd, (z_test - mu) / sd
+    K = int(max(y_train.max(), y_test.max())) + 1
+    W = torch.zeros(a.shape[1], K, dtype=torch.float64, requires_grad=True)
+    c = torch.zeros(K, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W, c], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(a @ W + c, y_train) + weight_decay * (W * W).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    with torch.no_grad():
+        return ((b @ W + c).argmax(1) == y_test).double().mean().item()
+
+
+def pca_dim(z, var=0.9):
+    """Smallest number of principal components explaining >= var of the variance."""
+    s = torch.linalg.svdvals(z.double() - z.double().mean(0))
+    ratio = (s ** 2).cumsum(0) / (s ** 2).sum()
+    return int((ratio < var).sum().item()) + 1
+
+
+def pca_standardize(z, dim):
+    """Project centred z (N, D) on its top `dim` principal axes, then standardize each axis."""
+    z = z.double() - z.double().mean(0)
+    _, _, V = torch.linalg.svd(z, full_matrices=False)
+    p = z @ V[:dim].T
+    return p / p.std(0).clamp_min(1e-12)
+
+
+def gmm_nll(x, K, iters=200, seed=0, tol=1e-6):
+    """Diagonal-covariance Gaussian mixture fitted by EM (k-means++-style init); returns the mean negative
+    log-likelihood per sample (nats) of x (N, d) under the fitted mixture."""
+    g = torch.Generator().manual_seed(seed)
+    x = x.double()
+    N, d = x.shape
+    centers = [x[torch.randint(N, (1,), generator=g)]]
+    for _ in range(K - 1):  # k-means++ seeding: spread the initial means
+        d2 = torch.cdist(x, torch.cat(centers)).min(1).values ** 2
+        centers.append(x[torch.multinomial(d2 / d2.sum(), 1, generator=g)])
+    mu, var, logw = torch.cat(centers), x.var(0).expand(K, d).clone(), torch.full((K,), -math.log(K), dtype=x.dtype)
+    prev = float("inf")
+    for _ in range(iters):
+        logp = (-0.5 * (((x[:, None] - mu) ** 2) / var + var.log() + math.log(2 * math.pi)).sum(-1)) + logw  # (N, K)
+        ll = torch.logsumexp(logp, dim=1)
+        nll = -ll.mean().item()
+        r = (logp - ll[:, None]).exp()                                      # responsibilities (N, K)
+        nk = r.sum(0) + 1e-10
+        mu = (r.T @ x) / nk[:, None]
+        var = (r.T @ x ** 2) / nk[:, None] - mu ** 2 + 1e-6
+        logw = (nk / N).log()
+        if prev - nll < tol:
+            break
+        prev = nll
+    return nll
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reading images and extracting features
+
+def npz_batches(path, batch_size, key="arr_0", limit=None):
+    """Yield uint8 (b, H, W, 3) batches of an .npz array without loading it whole (as the ADM evaluator)."""
+    import zipfile
+    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                                 else np.lib.format.read_array_header_2_0(f))
+        if fortran or dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
+            raise ValueError(f"{path!r}: {key} must be C-order uint8 (N, H, W, 3), got {dtype} {shape}")
+        n, per = shape[0] if limit is None else min(limit, shape[0]), int(np.prod(shape[1:]))
+        for i in range(0, n, batch_size):
+            b = min(batch_size, n - i)
+            yield np.frombuffer(f.read(b * per), dtype=np.uint8).reshape(b, *shape[1:])
+
+
+def image_batches(path, batch_size, limit=None):
+    """uint8 NHWC batches from an ADM .npz or an image folder (native size; folders: RGB as read)."""
+    if path.endswith(".npz"):
+        yield from npz_batches(path, batch_size, limit=limit)
+        return
+    src = data.ImageFolderSource(path)
+    n = len(src) if limit is None else min(limit, len(src))
+    for i in range(0, n, batch_size):
+        yield np.stack([np.asarray(src.load(j)) for j in range(i, min(i + batch_size, n))])
+
+
+class Features:
+    """A named feature network on uint8 NHWC images -> dict of float64 numpy features.
+    inception: pool3 (FID, P/R), spatial (sFID), logits (IS; the ADM graph's, no bias).
+    proxy: the proxy classifier's penultimate features (FID, P/R) and logits (class accuracy)."""
+
+    def __init__(self, kind, device, inception_ckpt=None, proxy_ckpt=None, net=None):
+        self.kind, self.device = kind, device
+        if net is not None:  # an already loaded network (tests, notebooks)
+            self.net, self.id = net.to(device).eval(), f"{kind}-given"
+        elif kind == "inception":
+            from pretrained import load_inception
+            self.net = load_inception(inception_ckpt).to(device)
+            self.id = "inception-tf"
+        else:
+            from proxy import load_proxy
+            if not proxy_ckpt:
+                raise FileNotFoundError("--feature_net proxy needs --proxy_ckpt (train one with python proxy.py)")
+            self.net = load_proxy(proxy_ckpt).to(device)
+            st = os.stat(proxy_ckpt)
+            self.id = "proxy-" + hashlib.sha1(f"{os.path.abspath(proxy_ckpt)}:{st.st_size}:{st.st_mtime}"
+                                              .encode()).hexdigest()[:10]
+
+    @torch.no_grad()
+    def __call__(self, u8):
+        x = torch.from_numpy(np.array(u8)).to(self.device).permute(0, 3, 1, 2).float() / 255
+        if self.kind == "inception":
+            out = self.net(x)
+            out = {"pool": out["pool3"], "spatial": out["spatial"], "logits": out["logits_unbiased"]}
+        else:
+            x = x * 2 - 1
+            f = self.net.features(x)
+            out = {"pool": f, "logits": self.net.head(F.relu(f))}
+        return {k: v.double().cpu().numpy() for k, v in out.items()}
+
+
+def extract(feats, batches, rank=0, world=1, desc="features"):
+    """Concatenated features of all batches; under torchrun each rank takes every world-th batch."""
+    parts = []
+    for i, b in enumerate(tqdm(batches, desc=desc, disable=rank != 0)):
+        if i % world == rank:
+            parts.append((i, feats(b)))
+    if world > 1:
+        import torch.distributed as dist
+        gathered = [None] * world
+        dist.all_gather_object(gathered, parts)
+        parts = sorted((p for g in gathered for p in g), key=lambda p: p[0])
+    return {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]} if parts else {}
+
+
+def reference_stats(path, feats, batch_size, rank, world, pr_images=10_000):
+    """Statistics of a reference batch: precomputed ADM mu / sigma / mu_s / sigma_s (Inception only) are used
+    as is; otherwise computed and cached beside the file. Features of the first pr_images for P/R."""
+    cache = f"{path.rstrip('/')}.{feats.id}.stats.npz"
+    st = os.stat(path)
+    stamp = np.array([st.st_size, st.st_mtime])
+    if os.path.isfile(cache):
+        c = np.load(cache)
+        if np.array_equal(c["stamp"], stamp):
+            return {k: c[k] for k in c.files}
+    pre = {}
+    if path.endswith(".npz") and feats.kind == "inception":
+        with np.load(path) as f:
+            pre = {k: f[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in f.files}
+    limit = pr_images if "mu" in pre else None
+    f = extract(feats, image_batches(path, batch_size, limit), rank, world, desc="reference features")
+    out = {"stamp": stamp, "pr_feats": f["pool"][:pr_images]}
+    if "mu" in pre:
+        out.update(pre)
+    else:
+        out["mu"], out["sigma"] = gaussian_stats(f["pool"])
+        if "spatial" in f:
+            out["mu_s"], out["sigma_s"] = gaussian_stats(f["spatial"])
+    if rank == 0:
+        np.savez(cache + ".tmp.npz", **out)
+        os.replace(cache + ".tmp.npz", cache)
+    return out
+
+
+def generation_metrics(sample_feats, ref, labels=None, split_size=5000):
+    """The metrics table of one sample set against reference statistics."""
+    mu, sigma = gaussian_stats(sample_feats["pool"])
+    out = {"fid": frechet_distance(mu, sigma, ref["mu"], ref["sigma"])}
+    if "spatial" in sample_feats and "mu_s" in ref:
+        mu_s, sigma_s = gaussian_stats(sample_feats["spatial"])
+        out["sfid"] = frechet_distance(mu_s, sigma_s, ref["mu_s"], ref["sigma_s"])
+    if "spatial" in sample_feats:  # Inception: IS on the ADM logits
+        out["inception_score"] = inception_score(sample_feats["logits"], split_size)
+    out["precision"], out["recall"] = precision_recall(ref["pr_feats"], sample_feats["pool"])
+    if labels is not None and "spatial" not in sample_feats:  # proxy: does the sample show its class?
+        out["class_accuracy"] = float((sample_feats["logits"].argmax(1) == labels).mean())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the three commands
+
+def setup(args):
+    from train_tokenizer import setup_distributed
+    ddp, rank, world, _, device = setup_distributed()
+    feats = None
+    if getattr(args, "feature_net", None):
+        try:
+            feats = Features(args.feature_net, device, args.inception_ckpt, args.proxy_ckpt)
+        except (RuntimeError, FileNotFoundError, KeyError, ValueError) as e:
+            sys.exit(f"error: {args.feature_net} feature network: {e}")
+    return ddp, rank, world, device, feats
+
+
+def report(results, title, out, rank):
+    """Print a two-column table and write the JSON."""
+    if rank != 0:
+        return
+    print(f"\n{title}")
+    w = max(len(k) for k in results)
+    for k, v in results.items():
+        print(f"  {k:<{w}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{w}}  {v}")
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"wrote {out}")
+
+
+def cmd_gen(args):
+    for p in (args.samples, args.ref):
+        if not os.path.exists(p):
+            sys.exit(f"error: {p!r} not found (give ADM-format .npz files or an image folder as --ref)")
+    ddp, rank, world, device, feats = setup(args)
+    try:
+        ref = reference_stats(args.ref, feats, args.batch_size, rank, world)
+        s = extract(feats, npz_batches(args.samples, args.batch_size), rank, world, desc="sample features")
+    except (ValueError, KeyError, OSError) as e:
+        sys.exit(f"error: {e}")
+    labels = None
+    with np.load(args.samples) as f:
+        for key in ("labels", "arr_1"):
+            if key in f.files:
+                labels = f[key]
+                break
+    res = {"samples": args.samples, "ref": args.ref, "feature_net": feats.id, "num_samples": len(s["pool"]),
+           **generation_metrics(s, ref, labels, args.is_split)}
+    if feats.kind == "proxy":  # never mistaken for an Inception number
+        res = {(f"proxy_{k}" if k in ("fid", "precision", "recall") else k): v for k, v in res.items()}
+    report(res, f"generation metrics ({feats.id})", args.out, rank)
+    return res
+
+
+@torch.no_grad()
+def cmd_recon(args):
+    from tokenizer import from_checkpoint
+    from train_tokenizer import autocast_context, load_checkpoint
+    ddp, rank, world, device, feats = setup(args)
+    _, ctx = autocast_context(args.precision, device)
+    tok = from_checkpoint(load_checkpoint(args.ckpt), ema=not args.raw).to(device)
+    size = tok.cfg.image_size
+    try:
+        src = data.build_source(args.data_path, size, "val", args.num_images)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    lpips = None
+    if args.lpips:
+        from pretrained import load_lpips
+        try:
+            lpips = load_lpips(args.vgg_ckpt).to(device)
+        except (RuntimeError, FileNotFoundError, KeyError) as e:
+            sys.exit(f"error: LPIPS: {e} (or evaluate without it: --lpips 0)")
+    ds = data.ImageDataset(src, size, train=False)                          # ADM center crop
+    n = min(args.num_images, len(ds))
+    sums = torch.zeros(4, dtype=torch.float64)                              # psnr, ssim, lpips, count
+    fr, fx = [], []
+    batches = list(range(0, n, args.batch_size))
+    for b in tqdm(batches[rank::world], desc="reconstructing", disable=rank != 0):
+        x = torch.stack([ds[i][0] for i in range(b, min(b + args.batch_size, n))]).to(device)
+        with ctx:
+            rec = tok.decode(tok.encode(x)).float().clamp(-1, 1)
+        u8x, u8r = data.to_uint8(x), data.to_uint8(rec)
+        sums += torch.stack([psnr(u8x, u8r).sum(), ssim(u8x, u8r).sum(),
+                             lpips(rec, x).sum().double().cpu() if lpips else torch.tensor(0.0, dtype=torch.float64),
+                             torch.tensor(float(len(x)), dtype=torch.float64)])
+        if feats is not None:
+            fx.append(feats(u8x.numpy())["pool"])
+            fr.append(feats(u8r.numpy())["pool"])
+    if ddp:
+        import torch.distributed as dist
+        dist.all_reduce(sums)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (fx, fr))
+        fx, fr = [a for g in gathered for a in g[0]], [a for g in gathered for a in g[1]]
+    res = {"ckpt": args.ckpt, "weights": "raw" if args.raw else "ema", "num_images": int(sums[3]),
+           "psnr": (sums[0] / sums[3]).item(), "ssim": (sums[1] / sums[3]).item()}
+    if lpips:
+        res["lpips"] = (sums[2] / sums[3]).item()
+    if feats is not None:
+        name = "rfid" if feats.kind == "inception" else "proxy_rfid"
+        res[name] = frechet_distance(*gaussian_stats(np.concatenate(fx)), *gaussian_stats(np.concatenate(fr)))
+    report(res, "reconstruction metrics", args.out, rank)
+    return res
+
+
+@torch.no_grad()
+def encode_labeled(tok, src, n, device, batch_size=256):
+    ds = data.ImageDataset(src, tok.cfg.image_size, train=False)
+    z, y = [], []
+    for b in tqdm(range(0, min(n, len(ds)), batch_size), desc="encoding"):
+        items = [ds[i] for i in range(b, min(b + batch_size, n, len(ds)))]
+        z.append(tok.encode(torch.stack([it[0] for it in items]).to(device)).float().cpu())
+        y += [it[1] for it in items]
+    return torch.cat(z), torch.tensor(y)
+
+
+def cmd_latent(args):
+    from tokenizer import from_checkpoint
+    from train_tokenizer import load_checkpoint
+    _, rank, _, device, _ = setup(args)
+    if args.cache_path:  # cached (unflipped) latents, split 80 / 20 by index
+        c = data.LatentCache(args.cache_path)
+        n = min(args.num_images, len(c))
+        z = torch.stack([c.shards[c.shard_of[i]]["latents"][c.row_of[i]].float() for i in range(n)])
+        y = torch.tensor(c.labels[:n])
+        cut = int(0.8 * n)
+        (z_tr, y_tr), (z_te, y_te) = (z[:cut], y[:cut]), (z[cut:], y[cut:])
+    else:
+        tok = from_checkpoint(load_checkpoint(args.ckpt)).to(device)
+        try:
+            tr = data.build_source(args.data_path, tok.cfg.image_size, "train", args.num_images)
+            te = data.build_source(args.data_path, tok.cfg.image_size, "val", args.num_images // 4) \
+                if args.data_path == data.BUILTIN else None
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: {e}")
+        z_tr, y_tr = encode_labeled(tok, tr, args.num_images, device)
+        if te is None:
+            cut = int(0.8 * len(z_tr))
+            z_tr, y_tr, z_te, y_te = z_tr[:cut], y_tr[:cut], z_tr[cut:], y_tr[cut:]
+        else:
+            z_te, y_te = encode_labeled(tok, te, args.num_images // 4, device)
+    res = {"source": args.cache_path or args.ckpt, "latent_shape": list(z_tr.shape[1:]),
+           "num_train": len(z_tr), "num_test": len(z_te)}
+    if len(torch.unique(y_tr)) > 1:
+        res["linear_probe_accuracy"] = linear_probe(z_tr, y_tr, z_te, y_te)
+    flat = z_tr.flatten(1)
+    dim = args.pca_dim or pca_dim(flat, 0.9)
+    x = pca_standardize(flat, dim)
+    ks = [int(k) for k in args.gmm_k.split(",")]
+    nll = {k: gmm_nll(x, k) for k in tqdm(ks, desc="GMM")}
+    res.update({"gmm_pca_dim": dim, "gmm_nll_per_dim": {str(k): v / dim for k, v in nll.items()}})
+    report(res, "latent probes", args.out, rank)
+    if args.out and rank == 0:
+        plot_gmm(ks, [nll[k] / dim for k in ks], os.path.splitext(args.out)[0] + "-gmm.png")
+    return res
+
+
+def plot_gmm(ks, nll, path):
+    """NLL per dimension against the number of mixture components (matplotlib, optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no GMM plot (pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.plot(ks, nll, "o-")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("GMM components K")
+    ax.set_ylabel("NLL per dimension (nats)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="nanotok metrics")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def feature_flags(q, default):
+        q.add_argument("--feature_net", default=default, choices=["inception", "proxy"],
+                       help="inception: the FID InceptionV3 (ADM-compatible); proxy: the proxy classifier")
+        q.add_argument("--inception_ckpt", default=None, help="local pt_inception-2015-12-05-6726825d.pth")
+        q.add_argument("--proxy_ckpt", default=None, help="proxy network from proxy.py")
+        q.add_argument("--batch_size", type=int, default=100, help="images per forward")
+        q.add_argument("--out", default=None, help="JSON output path")
+
+    g = sub.add_parser("gen", help="FID / sFID / IS / precision / recall of an .npz sample batch")
+    g.add_argument("--samples", required=True, help="ADM-format .npz (arr_0 uint8 NHWC, optional labels)")
+    g.add_argument("--ref", required=True, help="reference .npz (ADM batch, with or without mu/sigma) or folder")
+    g.add_argument("--is_split", type=int, default=5000, help="Inception Score split size (ADM: 5000)")
+    feature_flags(g, "inception")
+    r = sub.add_parser("recon", help="rFID / PSNR / SSIM / LPIPS of a tokenizer on held-out images")
+    r.add_argument("--ckpt", required=True, help="tokenizer run folder or checkpoint")
+    r.add_argument("--data_path", default=data.BUILTIN, help="held-out images (builtin: its val split)")
+    r.add_argument("--num_images", type=int, default=50_000, help="images evaluated (ImageNet val: 50K)")
+    r.add_argument("--lpips", type=int, default=1, choices=[0, 1], help="compute LPIPS (needs VGG16 weights)")
+    r.add_argument("--vgg_ckpt", default=None, help="local VGG16 weights for LPIPS")
+    r.add_argument("--raw", action="store_true", help="raw instead of EMA weights")
+    r.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU")
+    feature_flags(r, "inception")
+    lat = sub.add_parser("latent", help="linear probe and GMM analysis of a tokenizer's latents")
+    lat.add_argument("--ckpt", default=None, help="tokenizer run folder or checkpoint")
+    lat.add_argument("--cache_path", default=None, help="or a latent cache (cache_latents.py)")
+    lat.add_argument("--data_path", default=data.BUILTIN, help="labeled images to encode")
+    lat.add_argument("--num_images", type=int, default=10_000, help="latents used")
+    lat.add_argument("--pca_dim", type=int, default=None, help="GMM: common PCA dim (default: 90%% variance)")
+    lat.add_argument("--gmm_k", default="1,2,4,8,16,32,64", help="GMM: comma list of component counts")
+    lat.add_argument("--out", default=None, help="JSON output path (the plot goes beside it)")
+    args = p.parse_args(argv)
+    if args.cmd == "latent" and not (args.ckpt or args.cache_path):
+        p.error("latent needs --ckpt or --cache_path")
+    if getattr(args, "batch_size", 1) <= 0 or getattr(args, "num_images", 1) <= 0:
+        p.error("--batch_size and --num_images must be positive")
+    return {"gen": cmd_gen, "recon": cmd_recon, "latent": cmd_latent}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

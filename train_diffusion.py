@@ -1,0 +1,339 @@
+"""
+Train a SiT / LightningDiT denoiser in a tokenizer's latent space. One script for a CPU process, one GPU, or
+torchrun (DDP). Trains on a latent cache (cache_latents.py), or encodes images on the fly with
+--tokenizer_ckpt when there is no cache. Latents are normalized per channel with statistics that live in the
+cache and in every checkpoint.
+
+  python train_diffusion.py --model tiny --cache_path results/cache-tiny ...                   (see README)
+  torchrun --nproc_per_node=8 train_diffusion.py --model SiT-XL --cache_path /data/cache/maetok-b-128
+  torchrun --nproc_per_node=8 train_diffusion.py --model LightningDiT-XL --cache_path ...  # its own recipe
+  python train_diffusion.py --resume results/001-SiT-XL
+"""
+import argparse
+import copy
+import glob
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+from cache_latents import normalized_config
+from diffusion import PRESETS, DiT, DiTConfig, Transport, guided_velocity, make_config, recipe
+from tokenizer import from_checkpoint
+from train_tokenizer import (autocast_context, count, ema_update, find_checkpoint, load_checkpoint, rng_state,
+                             save_checkpoint, set_rng_state, setup_distributed)
+
+RESUME_FLAGS = ("max_steps", "log_every", "ckpt_every", "grid_every", "num_workers", "compile",
+                "keep_checkpoints", "resume", "tokenizer_ckpt")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train SiT / LightningDiT on tokenizer latents (defaults: SiT recipe)")
+    p.add_argument("--model", default="SiT-XL", choices=sorted(PRESETS), help="denoiser preset")
+    p.add_argument("--cache_path", default=None, help="latent cache folder from cache_latents.py")
+    p.add_argument("--tokenizer_ckpt", default=None,
+                   help="tokenizer run/checkpoint: encodes on the fly without a cache; decodes the picture grids")
+    p.add_argument("--data_path", default=data.BUILTIN, help="images for on-the-fly encoding (no cache)")
+    p.add_argument("--builtin_size", type=int, default=50_000, help="number of built-in training images")
+    p.add_argument("--stats_images", type=int, default=10_000,
+                   help="on-the-fly: images whose latents give the per-channel statistics (LightningDiT: 10K)")
+    p.add_argument("--unconditional", action="store_true", help="no class labels")
+    p.add_argument("--class_dropout", type=float, default=0.1, help="label dropout for CFG")
+    p.add_argument("--qk_norm", action="store_true", help="QK-norm (LightningDiT long runs)")
+    p.add_argument("--global_batch_size", type=int, default=None, help="default: the preset's recipe (256 / 1024)")
+    p.add_argument("--micro_batch_size", type=int, default=None, help="per-rank forward batch; sets accumulation")
+    p.add_argument("--lr", type=float, default=None, help="constant lr (default: recipe, 1e-4 SiT / 2e-4 Lightning)")
+    p.add_argument("--beta2", type=float, default=None, help="AdamW beta2 (default: recipe, 0.999 / 0.95)")
+    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--warmup_steps", type=int, default=0, help="linear lr warmup (official: none)")
+    p.add_argument("--grad_clip", type=float, default=0.0, help="max grad norm (0: none, official)")
+    p.add_argument("--time_dist", default=None, choices=["uniform", "logit_normal"], help="default: recipe")
+    p.add_argument("--cosine_loss", default=None, type=int, choices=[0, 1], help="LightningDiT cosine term")
+    p.add_argument("--max_steps", type=int, default=400_000, help="optimizer steps")
+    p.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay per step")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto = bf16 autocast on GPU, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--results_dir", default="results", help="parent of the numbered run folders")
+    p.add_argument("--resume", default=None, help="run folder or checkpoint to resume exactly")
+    p.add_argument("--seed", type=int, default=0, help="global seed")
+    p.add_argument("--num_workers", type=int, default=4, help="data loader workers per rank (on-the-fly mode)")
+    p.add_argument("--log_every", type=int, default=100, help="steps between metrics.jsonl lines (-1 off)")
+    p.add_argument("--ckpt_every", type=int, default=50_000, help="steps between checkpoints (-1: only last)")
+    p.add_argument("--grid_every", type=int, default=10_000, help="steps between sample grids (-1 off)")
+    p.add_argument("--grid_steps", type=int, default=50, help="Euler steps for the picture grids")
+    p.add_argument("--grid_cfg", type=float, default=1.0, help="CFG scale for the picture grids")
+    p.add_argument("--keep_checkpoints", type=int, default=3, help="newest checkpoints kept (0 = all)")
+    args = p.parse_args(argv)
+    if not args.resume:
+        for k, v in recipe(args.model).items():  # the preset brings its recipe; explicit flags win
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+        args.cosine_loss = bool(args.cosine_loss)
+    checks = [
+        (args.resume or args.cache_path or args.tokenizer_ckpt, "give --cache_path, or --tokenizer_ckpt to encode "
+                                                                 "on the fly"),
+        (args.resume or (args.global_batch_size > 0 and args.lr > 0), "--global_batch_size and --lr must be > 0"),
+        (args.max_steps > 0 and args.warmup_steps >= 0, "need --max_steps > 0 and --warmup_steps >= 0"),
+        (0 <= args.ema_decay < 1, "--ema_decay must be in [0, 1)"),
+        (0 <= args.class_dropout < 1, "--class_dropout must be in [0, 1)"),
+        (args.stats_images > 0 and args.grid_steps > 0, "--stats_images and --grid_steps must be positive"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            p.error(msg)
+    return args
+
+
+class OnTheFly(torch.utils.data.Dataset):
+    """Images (train augmentation) for on-the-fly encoding: same (index, epoch) interface as the cache."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, item):
+        x, y, _ = self.ds[item]
+        return x, y
+
+
+@torch.no_grad()
+def latent_stats(tok, ds, n, device, ctx, batch_size=64):
+    """Per-channel mean / std of the latents of the first n images (center crops)."""
+    moments = 0
+    for b in range(0, min(n, len(ds)), batch_size):
+        x = torch.stack([ds[i][0] for i in range(b, min(b + batch_size, n, len(ds)))]).to(device)
+        with ctx:
+            moments = moments + data.channel_moments(tok.encode(x).float())
+    return data.moments_to_stats(moments)
+
+
+@torch.no_grad()
+def sample_grid(ema, tok, stats, num_classes, steps, cfg_scale, path, device, ctx):
+    """8 classes x 4 seeds from the EMA model (Euler ODE), decoded by the tokenizer."""
+    cfg = ema.cfg
+    y = torch.arange(8, device=device).repeat_interleave(4) % max(1, num_classes)
+    g = torch.Generator().manual_seed(0)  # private: grids never shift the training RNG
+    noise = torch.randn(len(y), cfg.num_tokens, cfg.in_channels, generator=g).to(device)
+    with ctx:
+        z = Transport().sample(guided_velocity(ema, y, cfg_scale), noise, "euler", steps)
+        img = tok.decode(z * stats[1].to(device) + stats[0].to(device)).float()  # un-normalize, then decode
+    data.save_image_grid([img[i::4] for i in range(4)], path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ddp, rank, world, local, device = setup_distributed()
+    precision, ctx = autocast_context(args.precision, device)
+
+    # ---- resume: the checkpoint fixes the config and every flag but a few run-length ones
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    if ckpt is not None:
+        given = vars(args)
+        args = argparse.Namespace(**{**ckpt["args"], **{k: given[k] for k in RESUME_FLAGS if given[k] is not None}})
+    micro = args.micro_batch_size or args.global_batch_size // world
+    if args.global_batch_size % (micro * world):
+        sys.exit(f"error: --global_batch_size {args.global_batch_size} is not divisible by "
+                 f"world size {world} x --micro_batch_size {micro}")
+    accum = args.global_batch_size // (micro * world)
+
+    # ---- data: a latent cache, or images encoded on the fly. Errors come before any work
+    tok, tok_cfg = None, None
+    if args.tokenizer_ckpt:
+        tok_ckpt = load_checkpoint(args.tokenizer_ckpt)
+        tok, tok_cfg = from_checkpoint(tok_ckpt).to(device), normalized_config(tok_ckpt["config"])
+    try:
+        if args.cache_path:
+            train_ds = data.LatentCache(args.cache_path, seed=args.seed)
+            train_ds.check(tokenizer_config=tok_cfg)
+            stats = (train_ds.mean, train_ds.std)
+            num_classes, (L, C) = train_ds.meta["num_classes"], train_ds.meta["latent_shape"]
+            tok_cfg = train_ds.meta["tokenizer_config"]
+            if tok is None and os.path.exists(train_ds.meta["tokenizer_ckpt"]):  # for the picture grids
+                tok = from_checkpoint(load_checkpoint(train_ds.meta["tokenizer_ckpt"])).to(device)
+        else:
+            size = tok.cfg.image_size
+            src = data.build_source(args.data_path, size, "train", args.builtin_size)
+            train_ds = OnTheFly(data.ImageDataset(src, size, train=True, seed=args.seed))
+            num_classes, (L, C) = src.num_classes, (tok.cfg.num_latent_tokens, tok.cfg.latent_dim)
+            stats = None if ckpt else latent_stats(tok, data.ImageDataset(src, size, train=False), args.stats_images,
+                                                   device, ctx)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    if ckpt is not None:
+        stats = (ckpt["latent_stats"]["mean"], ckpt["latent_stats"]["std"])
+        if ckpt["tokenizer_config"] != tok_cfg:
+            sys.exit("error: this run was trained on latents of another tokenizer (config differs); "
+                     "resume with the same --cache_path / --tokenizer_ckpt")
+    num_classes = 0 if args.unconditional else num_classes
+    cfg = DiTConfig(**ckpt["config"]) if ckpt else make_config(
+        args.model, in_channels=C, num_tokens=L, num_classes=num_classes, class_dropout=args.class_dropout,
+        **({"qk_norm": True} if args.qk_norm else {}))
+    if (cfg.num_tokens, cfg.in_channels) != (L, C):
+        sys.exit(f"error: the data holds ({L}, {C}) latents but the model expects ({cfg.num_tokens}, "
+                 f"{cfg.in_channels})")
+    per_rank = math.ceil(len(train_ds) / world)
+    steps_per_epoch = per_rank // (micro * accum)
+    if steps_per_epoch == 0:
+        sys.exit(f"error: {len(train_ds)} training latents are fewer than one global batch "
+                 f"({args.global_batch_size}); lower --global_batch_size")
+    mean, std = stats[0].to(device), stats[1].to(device)
+
+    # ---- model, EMA, optimizer (same init on every rank)
+    torch.manual_seed(args.seed)
+    model = DiT(cfg).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, args.beta2),
+                            weight_decay=args.weight_decay, fused=device.type == "cuda")
+    step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+    transport = Transport(args.time_dist, cosine_loss=args.cosine_loss)
+    fwd = torch.compile(model) if args.compile else model
+    fwd = DDP(fwd, device_ids=[local] if device.type == "cuda" else None) if ddp else fwd
+
+    # ---- run folder, logging
+    if ckpt is not None:
+        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(find_checkpoint(args.resume))))
+    else:
+        run_dir = None
+        if rank == 0:
+            os.makedirs(args.results_dir, exist_ok=True)
+            idx = len(glob.glob(os.path.join(args.results_dir, "*")))
+            run_dir = os.path.join(args.results_dir, f"{idx:03d}-{args.model}")
+        if ddp:
+            box = [run_dir]
+            dist.broadcast_object_list(box)
+            run_dir = box[0]
+    if rank == 0:
+        for sub in ("checkpoints", "grids"):
+            os.makedirs(os.path.join(run_dir, sub), exist_ok=True)
+    log_file = open(os.path.join(run_dir, "log.txt"), "a") if rank == 0 else None
+
+    def log(msg):
+        if rank == 0:
+            tqdm.write(msg)
+            log_file.write(msg + "\n")
+            log_file.flush()
+
+    def log_metrics(rec):
+        if rank == 0:
+            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    log(f"{'resuming ' + run_dir + f' at step {step}' if ckpt else 'run ' + run_dir} | device {device} x{world} | "
+        f"precision {precision} | global batch {args.global_batch_size} = {world} ranks x {micro} x {accum} accum")
+    log(f"parameters: {args.model} {count(model) / 1e6:.2f}M on ({L}, {C}) latents, {num_classes} classes")
+    log(f"config: {json.dumps(asdict(cfg))}")
+    log(f"args: {json.dumps(vars(args))}")
+    log(f"data: {len(train_ds)} {'cached latents' if args.cache_path else 'images, encoded on the fly'}, "
+        f"{steps_per_epoch} steps/epoch; latent mean {mean.mean():.4f} std {std.mean():.4f} (channel averages)")
+    if tok is None and args.grid_every > 0:
+        log("no tokenizer available (give --tokenizer_ckpt): picture grids are off")
+
+    torch.manual_seed(args.seed * world + rank)  # per-rank streams for t, noise and label dropout
+    if ckpt is not None:
+        set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])], device)
+
+    def batches(step):
+        epoch, s = divmod(step, steps_per_epoch)
+        while True:
+            bs = data.epoch_batches(len(train_ds), epoch, args.seed, rank, world, micro, start=s * accum)
+            bs = bs[:(steps_per_epoch - s) * accum]
+            if args.cache_path:  # in memory: no worker processes
+                yield from (torch.utils.data.default_collate([train_ds[i] for i in b]) for b in bs)
+            else:
+                yield from torch.utils.data.DataLoader(train_ds, batch_sampler=bs, num_workers=args.num_workers,
+                                                       pin_memory=device.type == "cuda", generator=torch.Generator())
+            epoch, s = epoch + 1, 0
+
+    def checkpoint(step):
+        rngs = [None] * world
+        if ddp:
+            dist.all_gather_object(rngs, rng_state(device))
+        else:
+            rngs = [rng_state(device)]
+        if rank == 0:
+            state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                     "step": step, "config": asdict(cfg), "args": vars(args), "rng": rngs,
+                     "latent_stats": {"mean": stats[0].cpu(), "std": stats[1].cpu()},
+                     "tokenizer_config": tok_cfg,
+                     "tokenizer_ckpt": (os.path.abspath(find_checkpoint(args.tokenizer_ckpt)) if args.tokenizer_ckpt
+                                        else train_ds.meta["tokenizer_ckpt"])}
+            save_checkpoint(state, os.path.join(run_dir, "checkpoints", f"{step:07d}.pt"))
+            old = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "*.pt")))
+            for f in old[:-args.keep_checkpoints] if args.keep_checkpoints > 0 else []:
+                os.remove(f)
+        if ddp:
+            dist.barrier()
+
+    stream = batches(step)
+    model.train()
+    sums, n_sum, t0 = {}, 0, time.time()
+    bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
+    while step < args.max_steps:
+        lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
+        for g in opt.param_groups:
+            g["lr"] = lr
+        for micro_step in range(accum):
+            x, y = next(stream)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if not args.cache_path:
+                with torch.no_grad(), ctx:
+                    x = tok.encode(x).float()
+            x = (x - mean) / std                                             # per-channel normalization
+            sync = not ddp or micro_step == accum - 1
+            with (nullcontext() if sync else fwd.no_sync()), ctx:
+                losses = transport.loss(fwd, x, y)
+                (losses["loss"] / accum).backward()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+        n_sum += accum
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0
+                                               else float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema_update(ema, model, args.ema_decay)
+        step += 1
+        bar.update(1)
+
+        if args.log_every > 0 and (step % args.log_every == 0 or step == args.max_steps):
+            keys = sorted(sums)
+            vals = torch.stack([sums[k] / n_sum for k in keys]).to(device)
+            if ddp:
+                dist.all_reduce(vals)
+                vals /= world
+            rec = {"step": step, **{k: vals[i].item() for i, k in enumerate(keys)}, "lr": lr,
+                   "grad_norm": gnorm.item(), "img_per_s": n_sum / accum * args.global_batch_size / (time.time() - t0)}
+            log_metrics(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            sums, n_sum, t0 = {}, 0, time.time()
+        if rank == 0 and tok is not None and args.grid_every > 0 and (step % args.grid_every == 0
+                                                                      or step == args.max_steps):
+            sample_grid(ema, tok, (mean, std), num_classes, args.grid_steps, args.grid_cfg,
+                        os.path.join(run_dir, "grids", f"{step:07d}.png"), device, ctx)
+        if (args.ckpt_every > 0 and step % args.ckpt_every == 0) or step == args.max_steps:
+            checkpoint(step)
+    bar.close()
+    log(f"done: {step} steps, checkpoints in {os.path.join(run_dir, 'checkpoints')}")
+    if ddp:
+        dist.destroy_process_group()
+    return run_dir
+
+
+if __name__ == "__main__":
+    main()
