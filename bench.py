@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffusion import DiT, Transport, guided_velocity
 from diffusion import make_config as make_dit_config
 from pretrained import FIDInceptionV3, LPIPS, DinoViT, dinov2_config
+from proxy import ProxyConfig, ProxyNet
 from tokenizer import MAETok, make_config
 
 
@@ -52,25 +53,31 @@ def gflops(fn):
     return fc.get_total_flops() / 1e9
 
 
+def train_rate(model, loss_fn, batch, args, device):
+    """Seconds per optimizer step (AdamW) of loss_fn(model), and the peak memory."""
+    reset_peak(device)
+    fwd = torch.compile(model) if args.compile else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+    def step():
+        loss_fn(fwd).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return timed(step, args.steps, args.warmup, device), peak_memory(device)
+
+
 def bench_tokenizer(args, device, ctx):
     for preset, batch in (("tiny", 64), ("MAETok-B-128", args.batch_size)):
-        reset_peak(device)
         model = MAETok(make_config(preset)).to(device).train()
-        fwd = torch.compile(model) if args.compile else model
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
         x = torch.rand(batch, 3, model.cfg.image_size, model.cfg.image_size, device=device) * 2 - 1
 
-        def step():
+        def loss(fwd):
             with ctx:
-                loss = fwd(x)[1]["loss"]
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        s = timed(step, args.steps, args.warmup, device)
-        fl = gflops(lambda: model.eval()(x[:1])) if not args.compile else float("nan")
+                return fwd(x)[1]["loss"]
+        s, mem = train_rate(model, loss, batch, args, device)
+        fl = gflops(lambda: model.eval()(x[:1]))
         print(f"tokenizer {preset:13s} train  batch {batch:4d}: {batch / s:8.1f} img/s  ({s * 1e3:.0f} ms/step), "
-              f"forward {fl:.1f} GFLOPs/img, {peak_memory(device)}")
-        del model, opt, fwd
+              f"forward {fl:.1f} GFLOPs/img, {mem}")
 
 
 @torch.no_grad()
@@ -78,7 +85,8 @@ def bench_pretrained(args, device, ctx):
     # random weights: speed does not depend on the values
     nets = [("FID InceptionV3 (pool3, TF resize)", FIDInceptionV3("tf"), 256, lambda n: torch.rand(n, 3, 256, 256)),
             ("LPIPS-VGG 256 px (pair)", LPIPS(), 256, None),
-            ("DINOv2-B/14 224 px", DinoViT(dinov2_config("vitb14")), 224, lambda n: torch.randn(n, 3, 224, 224))]
+            ("DINOv2-B/14 224 px", DinoViT(dinov2_config("vitb14")), 224, lambda n: torch.randn(n, 3, 224, 224)),
+            ("proxy classifier 32 px", ProxyNet(ProxyConfig()), 32, lambda n: torch.rand(n, 3, 32, 32) * 2 - 1)]
     for name, net, res, make in nets:
         net = net.to(device).eval()
         n = args.feature_batch
@@ -100,20 +108,13 @@ def bench_diffusion(args, device, ctx):
     per image (FlopCounterMode: 2 per multiply-add; the DiT paper's "Gflops" count multiply-adds)."""
     for preset, (L, C), batch in (("tiny", (32, 8), 64), ("SiT-XL", (128, 32), args.batch_size),
                                   ("LightningDiT-XL", (128, 32), args.batch_size)):
-        reset_peak(device)
         model = DiT(make_dit_config(preset, in_channels=C, num_tokens=L, num_classes=1000)).to(device)
-        fwd = torch.compile(model) if args.compile else model
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
         x, y, tr = torch.randn(batch, L, C, device=device), torch.randint(1000, (batch,), device=device), Transport()
 
-        def step():
+        def loss(fwd):
             with ctx:
-                loss = tr.loss(fwd, x, y)["loss"]
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        s = timed(step, args.steps, args.warmup, device)
-        mem = peak_memory(device)
+                return tr.loss(fwd, x, y)["loss"]
+        s, mem = train_rate(model, loss, batch, args, device)
         model.eval()
         with torch.no_grad():
             fl = gflops(lambda: model(x[:1], torch.rand(1, device=device), y[:1]))
@@ -121,12 +122,11 @@ def bench_diffusion(args, device, ctx):
 
             def sample():
                 with ctx:
-                    tr.sample(guided_velocity(fwd, y), torch.randn_like(x), "euler", steps)
+                    tr.sample(guided_velocity(model, y), torch.randn_like(x), "euler", steps)
             ss = timed(sample, 1, 1, device) * 50 / steps
         print(f"diffusion {preset:15s} ({L}x{C}) batch {batch:4d}: train {batch / s:8.1f} img/s, "
               f"sample (50 Euler steps) {batch / ss:8.2f} img/s, forward {fl:.1f} GFLOPs/img "
               f"({fl / 2:.1f} GMACs), {mem}")
-        del model, opt, fwd
 
 
 def main():

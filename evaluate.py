@@ -466,22 +466,23 @@ def cmd_latent(args):
     return res
 
 
-def plot_gmm(ks, nll, path):
-    """NLL per dimension against the number of mixture components (matplotlib, optional)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no GMM plot (pip install matplotlib)")
-        return
-    fig, ax = plt.subplots(figsize=(4, 3))
-    ax.plot(ks, nll, "o-")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("GMM components K")
-    ax.set_ylabel("NLL per dimension (nats)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def plot_gmm(ks, nll, path, W=420, H=300, m=50):
+    """NLL per dimension against the number of GMM components (log2 x axis), drawn with PIL."""
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    lo, hi = min(nll), max(nll) + 1e-9
+    xs = [m + (W - 2 * m) * (math.log2(k) - math.log2(ks[0])) / max(1e-9, math.log2(ks[-1]) - math.log2(ks[0]))
+          for k in ks]
+    ys = [H - m - (H - 2 * m) * (v - lo) / (hi - lo) for v in nll]
+    d.rectangle([m, m, W - m, H - m], outline="black")
+    d.line(list(zip(xs, ys)), fill=(31, 119, 180), width=2)
+    for x, y, k in zip(xs, ys, ks):
+        d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(31, 119, 180))
+        d.text((x - 6, H - m + 6), str(k), fill="black")
+    d.text((m, m - 30), f"GMM NLL per dim: {hi:.3f} (top) .. {lo:.3f} (bottom)", fill="black")
+    d.text((W // 2 - 40, H - 20), "components K", fill="black")
+    img.save(path)
     print(f"wrote {path}")
 
 

@@ -4,7 +4,7 @@ shapes) or unavailable (offline): a small CNN classifier trained on a labeled da
 default). evaluate.py uses its penultimate features for FID / precision / recall and its predictions for the
 class accuracy of generated samples, always reported under the name "proxy" (never as an Inception FID).
 
-  python proxy.py --image_size 32 --out results/proxy-builtin-32.pt      # about 1 minute on 2 CPU cores
+  python proxy.py --image_size 32 --out results/proxy-builtin-32.pt      # about 2 minutes on 2 CPU cores
 """
 import argparse
 import math
@@ -24,7 +24,7 @@ import data
 class ProxyConfig:
     image_size: int = 32
     num_classes: int = 10
-    width: int = 32        # channels of the first stage; doubled at each of the 4 stages
+    width: int = 16        # channels of the first stage; doubled at each of the 4 stages
     feature_dim: int = 256  # penultimate features (the FID space)
 
 
@@ -84,10 +84,10 @@ def main(argv=None):
     p.add_argument("--data_path", default=data.BUILTIN, help="labeled ImageFolder folder, .npz, or 'builtin'")
     p.add_argument("--val_data_path", default=None, help="held-out images (builtin: its val split)")
     p.add_argument("--image_size", type=int, default=32, help="resolution the proxy sees")
-    p.add_argument("--steps", type=int, default=1500, help="optimizer steps")
-    p.add_argument("--batch_size", type=int, default=128, help="batch size")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    p.add_argument("--batch_size", type=int, default=64, help="batch size")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW lr (cosine to 0)")
-    p.add_argument("--width", type=int, default=32, help="channels of the first stage")
+    p.add_argument("--width", type=int, default=16, help="channels of the first stage")
     p.add_argument("--num_workers", type=int, default=2, help="data loader workers")
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.add_argument("--out", default=None, help="checkpoint path (default results/proxy-<data>-<size>.pt)")

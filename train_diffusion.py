@@ -11,7 +11,6 @@ cache and in every checkpoint.
 """
 import argparse
 import copy
-import glob
 import json
 import math
 import os
@@ -29,8 +28,8 @@ import data
 from cache_latents import normalized_config
 from diffusion import PRESETS, DiT, DiTConfig, Transport, guided_velocity, make_config, recipe
 from tokenizer import from_checkpoint
-from train_tokenizer import (autocast_context, count, ema_update, find_checkpoint, load_checkpoint, rng_state,
-                             save_checkpoint, set_rng_state, setup_distributed)
+from train_tokenizer import (Run, autocast_context, count, ema_update, find_checkpoint, load_checkpoint,
+                             set_rng_state, setup_distributed)
 
 RESUME_FLAGS = ("max_steps", "log_every", "ckpt_every", "grid_every", "num_workers", "compile",
                 "keep_checkpoints", "resume", "tokenizer_ckpt")
@@ -207,33 +206,8 @@ def main(argv=None):
     fwd = DDP(fwd, device_ids=[local] if device.type == "cuda" else None) if ddp else fwd
 
     # ---- run folder, logging
-    if ckpt is not None:
-        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(find_checkpoint(args.resume))))
-    else:
-        run_dir = None
-        if rank == 0:
-            os.makedirs(args.results_dir, exist_ok=True)
-            idx = len(glob.glob(os.path.join(args.results_dir, "*")))
-            run_dir = os.path.join(args.results_dir, f"{idx:03d}-{args.model}")
-        if ddp:
-            box = [run_dir]
-            dist.broadcast_object_list(box)
-            run_dir = box[0]
-    if rank == 0:
-        for sub in ("checkpoints", "grids"):
-            os.makedirs(os.path.join(run_dir, sub), exist_ok=True)
-    log_file = open(os.path.join(run_dir, "log.txt"), "a") if rank == 0 else None
-
-    def log(msg):
-        if rank == 0:
-            tqdm.write(msg)
-            log_file.write(msg + "\n")
-            log_file.flush()
-
-    def log_metrics(rec):
-        if rank == 0:
-            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(rec) + "\n")
+    run = Run(args.results_dir, args.model, args.resume if ckpt is not None else None, ddp, rank, world)
+    run_dir, log, log_metrics = run.dir, run.log, run.metrics
 
     log(f"{'resuming ' + run_dir + f' at step {step}' if ckpt else 'run ' + run_dir} | device {device} x{world} | "
         f"precision {precision} | global batch {args.global_batch_size} = {world} ranks x {micro} x {accum} accum")
@@ -262,24 +236,12 @@ def main(argv=None):
             epoch, s = epoch + 1, 0
 
     def checkpoint(step):
-        rngs = [None] * world
-        if ddp:
-            dist.all_gather_object(rngs, rng_state(device))
-        else:
-            rngs = [rng_state(device)]
-        if rank == 0:
-            state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                     "step": step, "config": asdict(cfg), "args": vars(args), "rng": rngs,
-                     "latent_stats": {"mean": stats[0].cpu(), "std": stats[1].cpu()},
-                     "tokenizer_config": tok_cfg,
-                     "tokenizer_ckpt": (os.path.abspath(find_checkpoint(args.tokenizer_ckpt)) if args.tokenizer_ckpt
-                                        else train_ds.meta["tokenizer_ckpt"])}
-            save_checkpoint(state, os.path.join(run_dir, "checkpoints", f"{step:07d}.pt"))
-            old = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "*.pt")))
-            for f in old[:-args.keep_checkpoints] if args.keep_checkpoints > 0 else []:
-                os.remove(f)
-        if ddp:
-            dist.barrier()
+        run.checkpoint(lambda: {
+            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step,
+            "config": asdict(cfg), "args": vars(args), "latent_stats": {"mean": stats[0].cpu(), "std": stats[1].cpu()},
+            "tokenizer_config": tok_cfg,
+            "tokenizer_ckpt": (os.path.abspath(find_checkpoint(args.tokenizer_ckpt)) if args.tokenizer_ckpt
+                               else train_ds.meta["tokenizer_ckpt"])}, step, args.keep_checkpoints, device)
 
     stream = batches(step)
     model.train()

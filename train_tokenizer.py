@@ -189,6 +189,55 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+class Run:
+    """A numbered results folder (or, resuming, the checkpoint's own) with rank-0 logging to log.txt and
+    metrics.jsonl, and checkpoints holding every rank's RNG state, written atomically, the newest `keep` kept."""
+
+    def __init__(self, results_dir, name, resume, ddp, rank, world):
+        self.ddp, self.rank, self.world = ddp, rank, world
+        if resume:
+            self.dir = os.path.dirname(os.path.dirname(os.path.abspath(find_checkpoint(resume))))
+        else:
+            box = [None]
+            if rank == 0:
+                os.makedirs(results_dir, exist_ok=True)
+                idx = len(glob.glob(os.path.join(results_dir, "*")))
+                box = [os.path.join(results_dir, f"{idx:03d}-{name}")]
+            if ddp:
+                dist.broadcast_object_list(box)
+            self.dir = box[0]
+        if rank == 0:
+            for sub in ("checkpoints", "grids"):
+                os.makedirs(os.path.join(self.dir, sub), exist_ok=True)
+        self.log_file = open(os.path.join(self.dir, "log.txt"), "a") if rank == 0 else None
+
+    def log(self, msg):
+        if self.rank == 0:
+            tqdm.write(msg)
+            self.log_file.write(msg + "\n")
+            self.log_file.flush()
+
+    def metrics(self, rec):
+        if self.rank == 0:
+            with open(os.path.join(self.dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def checkpoint(self, make_state, step, keep, device):
+        """Gather the RNG states of all ranks, then rank 0 writes make_state() + rng; all ranks wait."""
+        rngs = [None] * self.world
+        if self.ddp:
+            dist.all_gather_object(rngs, rng_state(device))
+        else:
+            rngs = [rng_state(device)]
+        if self.rank == 0:
+            save_checkpoint({**make_state(), "rng": rngs}, os.path.join(self.dir, "checkpoints", f"{step:07d}.pt"))
+            old = sorted(glob.glob(os.path.join(self.dir, "checkpoints", "*.pt")))
+            for f in old[:-keep] if keep > 0 else []:
+                os.remove(f)
+        if self.ddp:
+            dist.barrier()
+
+
 @torch.no_grad()
 def eval_psnr(model, ds, n, rank, world, device, ctx, batch_size=64):
     """Mean PSNR (uint8 pixels, the usual convention) of unmasked reconstructions of n held-out images."""
@@ -298,34 +347,9 @@ def main(argv=None):
     fwd = DDP(fwd, device_ids=[local] if device.type == "cuda" else None) if ddp else fwd
 
     # ---- run folder, logging
-    if ckpt is not None:
-        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(find_checkpoint(args.resume))))
-    else:
-        run_dir = None
-        if rank == 0:
-            os.makedirs(args.results_dir, exist_ok=True)
-            idx = len(glob.glob(os.path.join(args.results_dir, "*")))
-            run_dir = os.path.join(args.results_dir, f"{idx:03d}-MAETok-{args.preset}" +
-                                   ("-ft" if args.stage == "decoder_finetune" else ""))
-        if ddp:
-            box = [run_dir]
-            dist.broadcast_object_list(box)
-            run_dir = box[0]
-    if rank == 0:
-        for sub in ("checkpoints", "grids"):
-            os.makedirs(os.path.join(run_dir, sub), exist_ok=True)
-    log_file = open(os.path.join(run_dir, "log.txt"), "a") if rank == 0 else None
-
-    def log(msg):
-        if rank == 0:
-            tqdm.write(msg)
-            log_file.write(msg + "\n")
-            log_file.flush()
-
-    def log_metrics(rec):
-        if rank == 0:
-            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(rec) + "\n")
+    run = Run(args.results_dir, f"MAETok-{args.preset}" + ("-ft" if args.stage == "decoder_finetune" else ""),
+              args.resume if ckpt is not None else None, ddp, rank, world)
+    run_dir, log, log_metrics = run.dir, run.log, run.metrics
 
     log(f"{'resuming ' + run_dir + f' at step {step}' if ckpt else 'run ' + run_dir} | device {device} x{world} | "
         f"precision {precision} | global batch {args.global_batch_size} = {world} ranks x {micro} x {accum} accum")
@@ -355,21 +379,9 @@ def main(argv=None):
             epoch, s = epoch + 1, 0
 
     def checkpoint(step):
-        rngs = [None] * world
-        if ddp:
-            dist.all_gather_object(rngs, rng_state(device))
-        else:
-            rngs = [rng_state(device)]
-        if rank == 0:
-            state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                     "step": step, "epoch": step // steps_per_epoch, "config": asdict(cfg), "args": vars(args),
-                     "rng": rngs}
-            save_checkpoint(state, os.path.join(run_dir, "checkpoints", f"{step:07d}.pt"))
-            old = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "*.pt")))
-            for f in old[:-args.keep_checkpoints] if args.keep_checkpoints > 0 else []:
-                os.remove(f)
-        if ddp:
-            dist.barrier()
+        run.checkpoint(lambda: {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                                "step": step, "epoch": step // steps_per_epoch, "config": asdict(cfg),
+                                "args": vars(args)}, step, args.keep_checkpoints, device)
 
     grid_x = torch.stack([val_ds[i][0] for i in range(min(8, len(val_ds)))]).to(device)
     stream = batches(step)

@@ -1,5 +1,4 @@
 """diffusion.py: the time convention, samplers against the exact velocity of Gaussian data, CFG, presets."""
-import math
 
 import pytest
 import torch

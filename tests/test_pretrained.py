@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import golden, golden_tensor
-from pretrained import LPIPS, load_lpips, lpips_head_weights
+from pretrained import load_lpips, lpips_head_weights
 
 
 def _golden_lpips():
