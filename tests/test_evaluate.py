@@ -159,3 +159,28 @@ def test_recon_and_latent_cli(proxy_ckpt, tmp_path):
     assert json.load(open(tmp_path / "lat.json"))["gmm_pca_dim"] == res["gmm_pca_dim"]
     from PIL import Image
     assert Image.open(tmp_path / "lat-gmm.png").size == (420, 300)
+
+
+@pytest.mark.slow
+def test_recon_under_torchrun_equals_one_process(proxy_ckpt, tmp_path):
+    import subprocess
+    import sys
+    from dataclasses import asdict
+    from conftest import ROOT
+    from tokenizer import MAETok, make_config
+    from train_tokenizer import save_checkpoint
+    torch.manual_seed(0)
+    tok = MAETok(make_config("tiny", aux_targets=(), enc_depth=1, dec_depth=1))
+    path = str(tmp_path / "tok.pt")
+    save_checkpoint({"model": tok.state_dict(), "ema": tok.state_dict(), "step": 0, "config": asdict(tok.cfg)}, path)
+    args = ["recon", "--ckpt", path, "--num_images", "24", "--batch_size", "8", "--lpips", "0", "--feature_net",
+            "proxy", "--proxy_ckpt", proxy_ckpt]
+    one = ev.main(args)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29521",
+                        "evaluate.py", *args, "--out", str(tmp_path / "two.json")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = json.load(open(tmp_path / "two.json"))
+    assert two["num_images"] == 24
+    for k in ("psnr", "ssim", "proxy_rfid"):
+        assert abs(two[k] - one[k]) < 1e-6 * max(1, abs(one[k])), (k, one[k], two[k])
