@@ -323,6 +323,11 @@ def setup(args):
     return ddp, rank, world, device, feats
 
 
+def run_folder(ckpt):
+    """The folder a checkpoint belongs to (a run folder is its own)."""
+    return ckpt if os.path.isdir(ckpt) else os.path.dirname(os.path.abspath(ckpt))
+
+
 def report(results, title, out, rank):
     """Print a two-column table and write the JSON."""
     if rank != 0:
@@ -331,11 +336,10 @@ def report(results, title, out, rank):
     w = max(len(k) for k in results)
     for k, v in results.items():
         print(f"  {k:<{w}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{w}}  {v}")
-    if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(results, f, indent=1)
-        print(f"wrote {out}")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {out}")
 
 
 def cmd_gen(args):
@@ -358,7 +362,8 @@ def cmd_gen(args):
            **generation_metrics(s, ref, labels, args.is_split)}
     if feats.kind == "proxy":  # never mistaken for an Inception number
         res = {(f"proxy_{k}" if k in ("fid", "precision", "recall") else k): v for k, v in res.items()}
-    report(res, f"generation metrics ({feats.id})", args.out, rank)
+    report(res, f"generation metrics ({feats.id})", args.out or os.path.splitext(args.samples)[0] +
+           f"-{feats.kind}-metrics.json", rank)
     return res
 
 
@@ -410,7 +415,7 @@ def cmd_recon(args):
     if feats is not None:
         name = "rfid" if feats.kind == "inception" else "proxy_rfid"
         res[name] = frechet_distance(*gaussian_stats(np.concatenate(fx)), *gaussian_stats(np.concatenate(fr)))
-    report(res, "reconstruction metrics", args.out, rank)
+    report(res, "reconstruction metrics", args.out or os.path.join(run_folder(args.ckpt), "recon-metrics.json"), rank)
     return res
 
 
@@ -460,9 +465,10 @@ def cmd_latent(args):
     ks = [int(k) for k in args.gmm_k.split(",")]
     nll = {k: gmm_nll(x, k) for k in tqdm(ks, desc="GMM")}
     res.update({"gmm_pca_dim": dim, "gmm_nll_per_dim": {str(k): v / dim for k, v in nll.items()}})
-    report(res, "latent probes", args.out, rank)
-    if args.out and rank == 0:
-        plot_gmm(ks, [nll[k] / dim for k in ks], os.path.splitext(args.out)[0] + "-gmm.png")
+    out = args.out or os.path.join(args.cache_path or run_folder(args.ckpt), "latent-metrics.json")
+    report(res, "latent probes", out, rank)
+    if rank == 0:
+        plot_gmm(ks, [nll[k] / dim for k in ks], os.path.splitext(out)[0] + "-gmm.png")
     return res
 
 
@@ -496,7 +502,7 @@ def main(argv=None):
         q.add_argument("--inception_ckpt", default=None, help="local pt_inception-2015-12-05-6726825d.pth")
         q.add_argument("--proxy_ckpt", default=None, help="proxy network from proxy.py")
         q.add_argument("--batch_size", type=int, default=100, help="images per forward")
-        q.add_argument("--out", default=None, help="JSON output path")
+        q.add_argument("--out", default=None, help="JSON output path (default: beside the samples / checkpoint)")
 
     g = sub.add_parser("gen", help="FID / sFID / IS / precision / recall of an .npz sample batch")
     g.add_argument("--samples", required=True, help="ADM-format .npz (arr_0 uint8 NHWC, optional labels)")
@@ -519,7 +525,7 @@ def main(argv=None):
     lat.add_argument("--num_images", type=int, default=10_000, help="latents used")
     lat.add_argument("--pca_dim", type=int, default=None, help="GMM: common PCA dim (default: 90%% variance)")
     lat.add_argument("--gmm_k", default="1,2,4,8,16,32,64", help="GMM: comma list of component counts")
-    lat.add_argument("--out", default=None, help="JSON output path (the plot goes beside it)")
+    lat.add_argument("--out", default=None, help="JSON output path, the plot beside it (default: in the cache / run)")
     args = p.parse_args(argv)
     if args.cmd == "latent" and not (args.ckpt or args.cache_path):
         p.error("latent needs --ckpt or --cache_path")

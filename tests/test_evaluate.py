@@ -153,6 +153,7 @@ def test_recon_and_latent_cli(proxy_ckpt, tmp_path):
     res = ev.main(["recon", "--ckpt", path, "--num_images", "24", "--batch_size", "8", "--lpips", "0",
                    "--feature_net", "proxy", "--proxy_ckpt", proxy_ckpt])
     assert res["num_images"] == 24 and 0 < res["psnr"] < 60 and -1 <= res["ssim"] <= 1 and res["proxy_rfid"] > 0
+    assert json.load(open(tmp_path / "recon-metrics.json"))["psnr"] == res["psnr"]  # default JSON beside the ckpt
     res = ev.main(["latent", "--ckpt", path, "--num_images", "80", "--gmm_k", "1,2", "--out",
                    str(tmp_path / "lat.json")])
     assert 0 <= res["linear_probe_accuracy"] <= 1 and set(res["gmm_nll_per_dim"]) == {"1", "2"}
