@@ -53,7 +53,7 @@ def gflops(fn):
     return fc.get_total_flops() / 1e9
 
 
-def train_rate(model, loss_fn, batch, args, device):
+def train_rate(model, loss_fn, args, device):
     """Seconds per optimizer step (AdamW) of loss_fn(model), and the peak memory."""
     reset_peak(device)
     fwd = torch.compile(model) if args.compile else model
@@ -74,7 +74,7 @@ def bench_tokenizer(args, device, ctx):
         def loss(fwd):
             with ctx:
                 return fwd(x)[1]["loss"]
-        s, mem = train_rate(model, loss, batch, args, device)
+        s, mem = train_rate(model, loss, args, device)
         fl = gflops(lambda: model.eval()(x[:1]))
         print(f"tokenizer {preset:13s} train  batch {batch:4d}: {batch / s:8.1f} img/s  ({s * 1e3:.0f} ms/step), "
               f"forward {fl:.1f} GFLOPs/img, {mem}")
@@ -114,7 +114,7 @@ def bench_diffusion(args, device, ctx):
         def loss(fwd):
             with ctx:
                 return tr.loss(fwd, x, y)["loss"]
-        s, mem = train_rate(model, loss, batch, args, device)
+        s, mem = train_rate(model, loss, args, device)
         model.eval()
         with torch.no_grad():
             fl = gflops(lambda: model(x[:1], torch.rand(1, device=device), y[:1]))
