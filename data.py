@@ -194,17 +194,13 @@ def _shape_mask(label, u, v):
 
 
 def _texture(rng, X, Y):
-    """A random background/foreground texture in [0, 1] on pixel grids X, Y (in [0, 1])."""
-    kind = rng.integers(4)
+    """A smooth random texture in [0, 1] on pixel grids X, Y (in [0, 1]): a linear gradient or smooth noise.
+    Low-frequency on purpose: the shape's outline is the image's only fine detail, so a tiny tokenizer
+    spends its few CPU minutes on what carries the class, not on stripes or checkers."""
     a = rng.uniform(0, 2 * np.pi)
-    d = np.cos(a) * X + np.sin(a) * Y
-    if kind == 0:  # linear gradient
+    if rng.integers(2) == 0:  # linear gradient
+        d = np.cos(a) * X + np.sin(a) * Y
         return (d - d.min()) / (np.ptp(d) + 1e-6)
-    if kind == 1:  # stripes
-        return 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(2, 6) * d + rng.uniform(0, 2 * np.pi))
-    if kind == 2:  # checker
-        f = rng.uniform(2, 5)
-        return ((np.floor(X * f) + np.floor(Y * f)) % 2).astype(np.float64)
     lo = rng.random((4, 4))  # smooth noise: bilinear upsampling of a 4x4 field
     gy, gx = Y * 3, X * 3
     i, j = np.minimum(gy.astype(int), 2), np.minimum(gx.astype(int), 2)
@@ -214,12 +210,14 @@ def _texture(rng, X, Y):
 
 
 def render_shape(label, size, rng, ss=2):
-    """One size x size RGB image (uint8 HWC) of class `label`: a randomly posed, scaled, rotated and coloured
-    shape on a textured background; rendered at ss x resolution and box-filtered (anti-aliased)."""
+    """One size x size RGB image (uint8 HWC) of class `label`: a roughly centred, randomly scaled, rotated and
+    coloured shape on a smooth background; rendered at ss x resolution and box-filtered (anti-aliased)."""
     n = size * ss
     Y, X = (np.mgrid[0:n, 0:n] + 0.5) / n                                     # pixel centres in [0, 1]
-    s = rng.uniform(0.22, 0.4)                                                # shape radius / image size
-    cx, cy = rng.uniform(s, 1 - s, size=2)
+    s = rng.uniform(0.3, 0.42)                                                # shape radius / image size
+    # near the centre, as MNIST digits: with centres anywhere in [s, 1 - s], 700 tiny-tokenizer steps gave
+    # reconstructions the proxy classifies at 14%, against 34% centred
+    cx, cy = 0.5 + rng.uniform(-0.05, 0.05, size=2)
     a = rng.uniform(0, 2 * np.pi)
     u = (np.cos(a) * (X - cx) + np.sin(a) * (Y - cy)) / s                     # rotate into the shape frame
     v = (-np.sin(a) * (X - cx) + np.cos(a) * (Y - cy)) / s

@@ -389,7 +389,7 @@ def cmd_recon(args):
     ds = data.ImageDataset(src, size, train=False)                          # ADM center crop
     n = min(args.num_images, len(ds))
     sums = torch.zeros(4, dtype=torch.float64)                              # psnr, ssim, lpips, count
-    fr, fx = [], []
+    fr, fx, hits = [], [], []  # hits: proxy only, does the reconstruction still show its class?
     batches = list(range(0, n, args.batch_size))
     for b in tqdm(batches[rank::world], desc="reconstructing", disable=rank != 0):
         x = torch.stack([ds[i][0] for i in range(b, min(b + args.batch_size, n))]).to(device)
@@ -401,13 +401,17 @@ def cmd_recon(args):
                              torch.tensor(float(len(x)), dtype=torch.float64)])
         if feats is not None:
             fx.append(feats(u8x.numpy())["pool"])
-            fr.append(feats(u8r.numpy())["pool"])
+            out = feats(u8r.numpy())
+            fr.append(out["pool"])
+            if feats.kind == "proxy":
+                labels = np.array([ds[i][1] for i in range(b, min(b + args.batch_size, n))])
+                hits.append(out["logits"].argmax(1) == labels)
     if ddp:
         import torch.distributed as dist
         dist.all_reduce(sums)
         gathered = [None] * world
-        dist.all_gather_object(gathered, (fx, fr))
-        fx, fr = [a for g in gathered for a in g[0]], [a for g in gathered for a in g[1]]
+        dist.all_gather_object(gathered, (fx, fr, hits))
+        fx, fr, hits = ([a for g in gathered for a in g[j]] for j in range(3))
     res = {"ckpt": args.ckpt, "weights": "raw" if args.raw else "ema", "num_images": int(sums[3]),
            "psnr": (sums[0] / sums[3]).item(), "ssim": (sums[1] / sums[3]).item()}
     if lpips:
@@ -415,6 +419,8 @@ def cmd_recon(args):
     if feats is not None:
         name = "rfid" if feats.kind == "inception" else "proxy_rfid"
         res[name] = frechet_distance(*gaussian_stats(np.concatenate(fx)), *gaussian_stats(np.concatenate(fr)))
+    if hits:  # the ceiling for the class accuracy of samples decoded by this tokenizer
+        res["class_accuracy"] = float(np.concatenate(hits).mean())
     report(res, "reconstruction metrics", args.out or os.path.join(run_folder(args.ckpt), "recon-metrics.json"), rank)
     return res
 

@@ -40,6 +40,10 @@ class TokenizerConfig:
     # 2D RoPE on image tokens: 'mixed' (learnable per-head 2D frequencies, official) or 'axial'
     rope: str = "mixed"
     rope_theta: float = 10.0
+    # initial scale of the decoders' latent modulation (the bias of its scale outputs). Official: 0, so the
+    # latent positions enter every sublayer as zeros and the image only sees z once the modulation has grown
+    # (B.4); 1 starts it as the identity, like DiT's "1 + scale"
+    mod_scale_init: float = 0.0
     # masking: one ratio per batch from a truncated normal on [mask_ratio_min, mask_ratio], peak at mask_ratio
     mask_ratio: float = 0.6
     mask_ratio_min: float = 0.4
@@ -387,6 +391,8 @@ class MAETok(nn.Module):
             if isinstance(m, ModulatedBlock):
                 nn.init.zeros_(m.ada[-1].weight)
                 nn.init.zeros_(m.ada[-1].bias)
+                D = m.ada[-1].bias.shape[0] // 4                              # (shift1, scale1, shift2, scale2)
+                m.ada[-1].bias.data.view(4, D)[1::2] = self.cfg.mod_scale_init
 
     def bottleneck(self, h):
         """The one place where the bottleneck lives. MAETok is a plain AE: no noise, no KL, no normalisation
@@ -439,12 +445,14 @@ class MAETok(nn.Module):
 PRESETS = {
     # paper: ViT-B encoder and pixel decoder (~176M), 256 px, patch 16, 128 tokens x 32 channels
     "MAETok-B-128": dict(),
-    # CPU: 32 px, patch 4 (64 patches), 32 tokens x 8 channels. LayerScale starts at 0.1, not 1e-5: with 1e-5
-    # the encoder output ignores the image for the first hundreds of steps (measured on the quick start: pixel
-    # MSE 0.200 vs 0.164 at step 400)
+    # CPU: 32 px, patch 4 (64 patches), 32 tokens x 8 channels. Two inits differ from the official ones so that
+    # it learns in a CPU budget (measured on the built-in data, batch 32): LayerScale starts at 0.1, not 1e-5
+    # (with 1e-5 the encoder output ignores the image for hundreds of steps: pixel MSE 0.200 vs 0.164 at step
+    # 400), and the decoder's latent modulation starts at scale 1, not 0 (with 0 the decoder sits on a
+    # mean-colour plateau, pixel MSE 0.087 at step 400 unmasked, against 0.028)
     "tiny": dict(image_size=32, patch_size=4, enc_width=128, enc_depth=4, enc_heads=4, dec_width=128,
                  dec_depth=4, dec_heads=4, num_latent_tokens=32, latent_dim=8, aux_width=64, aux_depth=2,
-                 aux_heads=2, layerscale_init=0.1),
+                 aux_heads=2, layerscale_init=0.1, mod_scale_init=1.0),
 }
 
 

@@ -154,6 +154,15 @@ def test_recon_and_latent_cli(proxy_ckpt, tmp_path):
                    "--feature_net", "proxy", "--proxy_ckpt", proxy_ckpt])
     assert res["num_images"] == 24 and 0 < res["psnr"] < 60 and -1 <= res["ssim"] <= 1 and res["proxy_rfid"] > 0
     assert json.load(open(tmp_path / "recon-metrics.json"))["psnr"] == res["psnr"]  # default JSON beside the ckpt
+    # class accuracy of the reconstructions = the proxy's own verdict on the uint8 reconstructions
+    from data import BuiltinSource, ImageDataset, to_uint8
+    from proxy import load_proxy
+    ds = ImageDataset(BuiltinSource(32, 24, "val"), 32, train=False)
+    x, y = torch.stack([ds[i][0] for i in range(24)]), torch.tensor([ds[i][1] for i in range(24)])
+    with torch.no_grad():
+        u8 = to_uint8(tok.decode(tok.encode(x)).clamp(-1, 1))
+        pred = load_proxy(proxy_ckpt)(u8.permute(0, 3, 1, 2).float() / 127.5 - 1).argmax(1)
+    assert res["class_accuracy"] == pytest.approx((pred == y).float().mean().item())
     res = ev.main(["latent", "--ckpt", path, "--num_images", "80", "--gmm_k", "1,2", "--out",
                    str(tmp_path / "lat.json")])
     assert 0 <= res["linear_probe_accuracy"] <= 1 and set(res["gmm_nll_per_dim"]) == {"1", "2"}
@@ -183,5 +192,5 @@ def test_recon_under_torchrun_equals_one_process(proxy_ckpt, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     two = json.load(open(tmp_path / "two.json"))
     assert two["num_images"] == 24
-    for k in ("psnr", "ssim", "proxy_rfid"):
+    for k in ("psnr", "ssim", "proxy_rfid", "class_accuracy"):
         assert abs(two[k] - one[k]) < 1e-6 * max(1, abs(one[k])), (k, one[k], two[k])
