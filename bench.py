@@ -106,7 +106,9 @@ def bench_pretrained(args, device, ctx):
 def bench_diffusion(args, device, ctx):
     """Denoiser training img/s, 50-step Euler sampling img/s (no CFG; CFG doubles the batch) and forward FLOPs
     per image (FlopCounterMode: 2 per multiply-add; the DiT paper's "Gflops" count multiply-adds)."""
-    for preset, (L, C), batch in (("tiny", (32, 8), 64), ("SiT-XL", (128, 32), args.batch_size),
+    tiny = make_config("tiny")  # the tiny denoiser runs on the tiny tokenizer's latents
+    for preset, (L, C), batch in (("tiny", (tiny.num_latent_tokens, tiny.latent_dim), 64),
+                                  ("SiT-XL", (128, 32), args.batch_size),
                                   ("LightningDiT-XL", (128, 32), args.batch_size)):
         model = DiT(make_dit_config(preset, in_channels=C, num_tokens=L, num_classes=1000)).to(device)
         x, y, tr = torch.randn(batch, L, C, device=device), torch.randint(1000, (batch,), device=device), Transport()
