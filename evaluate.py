@@ -392,7 +392,8 @@ def cmd_recon(args):
     fr, fx, hits = [], [], []  # hits: proxy only, does the reconstruction still show its class?
     batches = list(range(0, n, args.batch_size))
     for b in tqdm(batches[rank::world], desc="reconstructing", disable=rank != 0):
-        x = torch.stack([ds[i][0] for i in range(b, min(b + args.batch_size, n))]).to(device)
+        items = [ds[i] for i in range(b, min(b + args.batch_size, n))]
+        x = torch.stack([it[0] for it in items]).to(device)
         with ctx:
             rec = tok.decode(tok.encode(x)).float().clamp(-1, 1)
         u8x, u8r = data.to_uint8(x), data.to_uint8(rec)
@@ -404,8 +405,7 @@ def cmd_recon(args):
             out = feats(u8r.numpy())
             fr.append(out["pool"])
             if feats.kind == "proxy":
-                labels = np.array([ds[i][1] for i in range(b, min(b + args.batch_size, n))])
-                hits.append(out["logits"].argmax(1) == labels)
+                hits.append(out["logits"].argmax(1) == np.array([it[1] for it in items]))
     if ddp:
         import torch.distributed as dist
         dist.all_reduce(sums)
