@@ -133,7 +133,7 @@ def test_modulation_is_zero_initialised_on_latent_positions():
     model = MAETok(make_config("tiny", mod_scale_init=0.0))                  # the official init
     blk = model.decoder.blocks[0]
     z = torch.randn(2, 32, 8)
-    x = torch.randn(2, 64 + 32, 128)
+    x = torch.randn(2, 64 + 32, model.cfg.dec_width)
     shift, scale, *_ = blk.ada(z).chunk(4, -1)
     out = blk.modulate(blk.norm1(x), shift, scale)
     assert out[:, -32:].abs().max() == 0 and torch.equal(out[:, :-32], blk.norm1(x)[:, :-32])
@@ -145,7 +145,7 @@ def test_modulation_is_zero_initialised_on_latent_positions():
 def test_tiny_modulation_starts_as_identity():
     model = MAETok(make_config("tiny"))                                       # mod_scale_init = 1
     blk = model.decoder.blocks[0]
-    z, x = torch.randn(2, 32, 8), torch.randn(2, 64 + 32, 128)
+    z, x = torch.randn(2, 32, 8), torch.randn(2, 64 + 32, model.cfg.dec_width)
     shift, scale, *_ = blk.ada(z).chunk(4, -1)
     torch.testing.assert_close(blk.modulate(blk.norm1(x), shift, scale), blk.norm1(x))
     with torch.no_grad():
