@@ -41,6 +41,25 @@ def test_builtin_classes_are_shapes_not_colours():
     assert per_class.std(0).max() < 0.5 * means.std(0).min()
 
 
+def test_builtin_shapes_fit_and_differ():
+    # every shape stays inside the image at the largest scale and centre offset (radius 0.42, offset 0.05), and
+    # no two classes coincide under any rotation or mirror (pairwise IoU of the best-aligned masks < 0.9)
+    n = 64
+    Y, X = (np.mgrid[0:n, 0:n] + 0.5) / n * 2.4 - 1.2                       # unit frame, [-1.2, 1.2]
+    k = len(data.BUILTIN_CLASSES)
+    masks = [data._shape_mask(c, X, Y) for c in range(k)]
+    for m in masks:
+        assert m.mean() > 0.05 and np.hypot(X, Y)[m].max() * 0.42 + 0.05 < 0.5  # per axis: extent + offset
+    for a in range(k):
+        for b in range(a + 1, k):
+            best = 0.0
+            for t in np.linspace(0, 2 * np.pi, 36, endpoint=False):
+                u, v = np.cos(t) * X + np.sin(t) * Y, -np.sin(t) * X + np.cos(t) * Y
+                for mb in (data._shape_mask(b, u, v), data._shape_mask(b, -u, v)):
+                    best = max(best, (masks[a] & mb).sum() / (masks[a] | mb).sum())
+            assert best < 0.9, (data.BUILTIN_CLASSES[a], data.BUILTIN_CLASSES[b], best)
+
+
 def test_transforms():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8))
     assert data.center_crop_arr(img, 32).size == (32, 32)
