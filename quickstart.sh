@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole chain on the built-in data, on CPU, in about 13 minutes on 2 cores (13.2 min measured):
+# The whole chain on the built-in data, on CPU, in about 13 minutes on 2 cores (12.7 min measured):
 #   tiny MAETok tokenizer -> proxy classifier -> latent cache -> tiny SiT -> samples -> metrics table.
 # Everything lands in $OUT (default results/quickstart). LPIPS needs the VGG16 ImageNet weights, which an offline
 # machine cannot download: the perceptual loss and the LPIPS metric are off here (pass --vgg_ckpt to turn them on).
@@ -25,7 +25,8 @@ run python train_diffusion.py --model tiny --cache_path "$OUT/cache" --results_d
     --grid_every 2000 --grid_cfg 4.0 --grid_steps 25 --ckpt_every 2000
 DIF=$(ls -d "$OUT"/diffusion/*/ | tail -n 1)
 # 5. samples (25 Euler steps): a grid (rows = classes, columns = seeds) and 500 samples without and with CFG.
-#    CFG 4 is the scale with the lowest proxy gFID at this size (1500-step denoiser: 21.2 / 16.8 / 15.6 / 16.9 at 2 / 3 / 4 / 5)
+#    CFG 4 is the scale with the lowest proxy gFID at this size (1500-step denoiser: 21.2 / 16.8 / 15.6 / 16.9
+#    at CFG 2 / 3 / 4 / 5)
 run python sample.py --ckpt "$DIF" --classes 0,1,2,3,4,5,6,7,8,9 --seeds 0,1,2,3,4,5,6,7 --cfg_scale 4.0 \
     --num_steps 25 --out "$OUT/samples_cfg4.png"
 run python sample.py --ckpt "$DIF" --num_samples 500 --batch_size 250 --num_steps 25 --out "$OUT/samples_cfg1.npz"
