@@ -18,6 +18,8 @@ from PIL import Image
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 BUILTIN = "builtin"
 BUILTIN_CLASSES = ("disk", "ring", "bar", "triangle", "plus", "pacman", "crescent", "L", "dumbbell", "tee")
+BUILTIN_SCALE = (0.3, 0.42)  # shape radius / image size, drawn uniformly
+BUILTIN_OFFSET = 0.05        # largest shift of the shape centre from the image centre, per axis
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -218,10 +220,10 @@ def render_shape(label, size, rng, ss=2):
     coloured shape on a smooth background; rendered at ss x resolution and box-filtered (anti-aliased)."""
     n = size * ss
     Y, X = (np.mgrid[0:n, 0:n] + 0.5) / n                                     # pixel centres in [0, 1]
-    s = rng.uniform(0.3, 0.42)                                                # shape radius / image size
+    s = rng.uniform(*BUILTIN_SCALE)                                           # shape radius / image size
     # near the centre, as MNIST digits: with centres anywhere in [s, 1 - s], 700 tiny-tokenizer steps gave
     # reconstructions the proxy classifies at 14%, against 34% centred (earlier class set)
-    cx, cy = 0.5 + rng.uniform(-0.05, 0.05, size=2)
+    cx, cy = 0.5 + rng.uniform(-BUILTIN_OFFSET, BUILTIN_OFFSET, size=2)
     a = rng.uniform(0, 2 * np.pi)
     u = (np.cos(a) * (X - cx) + np.sin(a) * (Y - cy)) / s                     # rotate into the shape frame
     v = (-np.sin(a) * (X - cx) + np.cos(a) * (Y - cy)) / s

@@ -451,7 +451,8 @@ PRESETS = {
     # 400), and the decoder's latent modulation starts at scale 1, not 0 (with 0 the decoder sits on a
     # mean-colour plateau, pixel MSE 0.087 at step 400 unmasked, against 0.028)
     # Wide and shallow (160 x 2 layers, not 128 x 4): in the quick start's 4 CPU minutes its reconstructions are
-    # classified at 43% against 35% (192 x 2: 44%, 256 x 2: 34%, 256 x 1: 40%, 96 x 4: 30%, same wall-clock)
+    # classified at 43% against 35% (192 x 2: 44%, 256 x 2: 34%, 256 x 1: 40%, 96 x 4: 30%, same wall-clock;
+    # measured on the earlier built-in class set)
     "tiny": dict(image_size=32, patch_size=4, enc_width=160, enc_depth=2, enc_heads=4, dec_width=160,
                  dec_depth=2, dec_heads=4, num_latent_tokens=32, latent_dim=8, aux_width=64, aux_depth=2,
                  aux_heads=2, layerscale_init=0.1, mod_scale_init=1.0),

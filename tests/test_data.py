@@ -42,14 +42,14 @@ def test_builtin_classes_are_shapes_not_colours():
 
 
 def test_builtin_shapes_fit_and_differ():
-    # every shape stays inside the image at the largest scale and centre offset (radius 0.42, offset 0.05), and
+    # every shape stays inside the image at the largest scale and centre offset, and
     # no two classes coincide under any rotation or mirror (pairwise IoU of the best-aligned masks < 0.9)
     n = 64
     Y, X = (np.mgrid[0:n, 0:n] + 0.5) / n * 2.4 - 1.2                       # unit frame, [-1.2, 1.2]
     k = len(data.BUILTIN_CLASSES)
     masks = [data._shape_mask(c, X, Y) for c in range(k)]
     for m in masks:
-        assert m.mean() > 0.05 and np.hypot(X, Y)[m].max() * 0.42 + 0.05 < 0.5  # per axis: extent + offset
+        assert m.mean() > 0.05 and np.hypot(X, Y)[m].max() * data.BUILTIN_SCALE[1] + data.BUILTIN_OFFSET < 0.5
     for a in range(k):
         for b in range(a + 1, k):
             best = 0.0
