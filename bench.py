@@ -127,8 +127,8 @@ def bench_diffusion(args, device, ctx):
                     tr.sample(guided_velocity(model, y), torch.randn_like(x), "euler", steps)
             ss = timed(sample, 1, 1, device) * 50 / steps
         print(f"diffusion {preset:15s} ({L}x{C}) batch {batch:4d}: train {batch / s:8.1f} img/s, "
-              f"sample (50 Euler steps) {batch / ss:8.2f} img/s, forward {fl:.1f} GFLOPs/img "
-              f"({fl / 2:.1f} GMACs), {mem}")
+              f"sample (50 Euler steps) {batch / ss:8.2f} img/s, forward {fl:.4g} GFLOPs/img "
+              f"({fl / 2:.4g} GMACs), {mem}")
 
 
 def main():
