@@ -155,3 +155,29 @@ def test_torchrun_sampling_equals_one_process(diff_run, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = np.load(one), np.load(tmp_path / "two.npz")
     assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
+
+
+@pytest.mark.slow
+def test_torchrun_cache_equals_one_process_and_ddp_training_runs(tok_ckpt, cache, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = str(tmp_path / "c2")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29523",
+           "cache_latents.py", "--tokenizer_ckpt", tok_ckpt, "--cache_path", two, "--builtin_size", "40",
+           "--batch_size", "16", "--shard_size", "16", "--num_workers", "0"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = LatentCache(cache), LatentCache(two)
+    assert len(b.meta["shards"]) == 4 and b.labels == a.labels  # each rank wrote 16 + 4 of its 20 images
+    for key in ("latents", "latents_flip"):                     # same latent for the same image index
+        za, zb = ([c.shards[c.shard_of[i]][key][c.row_of[i]] for i in range(40)] for c in (a, b))
+        torch.testing.assert_close(torch.stack(zb).float(), torch.stack(za).float(), atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(b.mean, a.mean, atol=1e-5, rtol=1e-5)  # moments all-reduced over ranks
+    torch.testing.assert_close(b.std, a.std, atol=1e-5, rtol=1e-5)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29525",
+           "train_diffusion.py", *BASE, "--cache_path", two, "--max_steps", "3", "--results_dir", str(tmp_path / "d")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = str(next((tmp_path / "d").iterdir()))
+    assert [m["step"] for m in _metrics(run)] == [1, 2, 3]
+    ck = torch.load(os.path.join(run, "checkpoints", "0000003.pt"), weights_only=True)
+    assert len(ck["rng"]) == 2 and "2 ranks x 4" in open(os.path.join(run, "log.txt")).read()
