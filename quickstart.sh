@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole chain on the built-in data, on CPU, in about 13 minutes on 2 cores (12.5 min measured):
+# The whole chain on the built-in data, on CPU, in about 14 minutes on 2 cores (14.0 min measured):
 #   tiny MAETok tokenizer -> proxy classifier -> latent cache -> tiny SiT -> samples -> metrics table.
 # Everything lands in $OUT (default results/quickstart). LPIPS needs the VGG16 ImageNet weights, which an offline
 # machine cannot download: the perceptual loss and the LPIPS metric are off here (pass --vgg_ckpt to turn them on).
@@ -11,8 +11,8 @@ run() { echo "+ $*"; "$@"; }
 # 1. tokenizer (tiny preset, 32 px, 32 tokens x 8 channels): the paper's objective, mask modeling (ratio 0.4-0.6)
 #    with the pixel and HOG targets; LPIPS off (no VGG weights offline)
 run python train_tokenizer.py --preset tiny --results_dir "$OUT/tokenizer" --global_batch_size 32 \
-    --lr 2e-3 --warmup_steps 100 --max_steps 1000 --perceptual_weight 0 --ema_decay 0.99 --num_workers 1 \
-    --log_every 50 --eval_every 1000 --eval_images 500 --grid_every 1000
+    --lr 2e-3 --warmup_steps 100 --max_steps 1300 --perceptual_weight 0 --ema_decay 0.99 --num_workers 1 \
+    --log_every 50 --eval_every 1300 --eval_images 500 --grid_every 1300
 TOK=$(ls -d "$OUT"/tokenizer/*/ | tail -n 1)
 # 2. the proxy feature network (FID / precision / recall / class accuracy at this scale; never an Inception FID)
 run python proxy.py --image_size 32 --steps 600 --out "$OUT/proxy.pt"

@@ -450,7 +450,7 @@ PRESETS = {
     # (with 1e-5 the encoder output ignores the image for hundreds of steps: pixel MSE 0.200 vs 0.164 at step
     # 400), and the decoder's latent modulation starts at scale 1, not 0 (with 0 the decoder sits on a
     # mean-colour plateau, pixel MSE 0.087 at step 400 unmasked, against 0.028)
-    # Wide and shallow (160 x 2 layers, not 128 x 4): in the quick start's 4 CPU minutes its reconstructions are
+    # Wide and shallow (160 x 2 layers, not 128 x 4): in 4 CPU minutes (1000 steps) its reconstructions are
     # classified at 43% against 35% (192 x 2: 44%, 256 x 2: 34%, 256 x 1: 40%, 96 x 4: 30%, same wall-clock;
     # measured on the earlier built-in class set)
     "tiny": dict(image_size=32, patch_size=4, enc_width=160, enc_depth=2, enc_heads=4, dec_width=160,

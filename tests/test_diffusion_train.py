@@ -13,8 +13,9 @@ import sample
 import train_diffusion
 from conftest import ROOT
 from data import BuiltinSource, ImageDataset, LatentCache
+from diffusion import DiT, DiTConfig, guided_velocity
 from tokenizer import MAETok, make_config
-from train_tokenizer import save_checkpoint
+from train_tokenizer import find_checkpoint, save_checkpoint
 
 BASE = ["--model", "tiny", "--global_batch_size", "8", "--lr", "1e-3", "--log_every", "1", "--grid_every", "-1",
         "--ema_decay", "0.9", "--num_workers", "0"]
@@ -107,6 +108,24 @@ def test_lightning_recipe_and_on_the_fly_encoding(tok_ckpt, tmp_path):
     args = train_diffusion.parse_args(["--model", "SiT-XL", "--cache_path", "x"])
     assert (args.lr, args.weight_decay, args.global_batch_size, args.time_dist, args.cosine_loss) == \
         (1e-4, 0.0, 256, "uniform", False)
+
+
+def test_unconditional_model_trains_and_samples_without_labels(cache, tmp_path):
+    run = train_diffusion.main(BASE + ["--cache_path", cache, "--unconditional", "--max_steps", "2",
+                                       "--results_dir", str(tmp_path)])
+    ck = torch.load(find_checkpoint(run), weights_only=True)
+    assert ck["config"]["num_classes"] == 0 and not any(k.startswith("y_embedder") for k in ck["ema"])
+    model = DiT(DiTConfig(**ck["config"])).eval()
+    model.load_state_dict(ck["ema"])
+    x, t = torch.randn(4, 32, 8), torch.rand(4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, torch.tensor([0, 1, 2, 3])), model(x, t, None))
+        v1, v4 = guided_velocity(model, None, 1.0)(x, 0.5), guided_velocity(model, None, 4.0)(x, 0.5)
+    assert torch.equal(v1, v4)                                            # no classes: CFG is a no-op
+    sample.main(["--ckpt", run, "--num_samples", "6", "--batch_size", "3", "--num_steps", "2", "--cfg_scale", "4",
+                 "--out", str(tmp_path / "u.npz")])
+    f = np.load(tmp_path / "u.npz")
+    assert f["arr_0"].shape == (6, 32, 32, 3) and f["labels"].tolist() == [0] * 6
 
 
 @pytest.fixture(scope="module")
