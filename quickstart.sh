@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole chain on the built-in data, on CPU, in about 14 minutes on 2 cores (14.0 min measured):
+# The whole chain on the built-in data, on CPU, in about 14 minutes on 2 cores (14.0-14.6 min measured):
 #   tiny MAETok tokenizer -> proxy classifier -> latent cache -> tiny SiT -> samples -> metrics table.
 # Everything lands in $OUT (default results/quickstart). LPIPS needs the VGG16 ImageNet weights, which an offline
 # machine cannot download: the perceptual loss and the LPIPS metric are off here (pass --vgg_ckpt to turn them on).
