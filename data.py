@@ -172,7 +172,8 @@ def _shape_mask(label, u, v):
     """Boolean mask of shape `label` in its own unit frame (u, v) roughly within [-1, 1]. The classes differ in
     their coarse outline (arms, holes, notches of 4+ px at 32 px: the tiny tokenizer's patch), not in corners or
     thin strokes, which a tokenizer trained for 4 CPU minutes rounds away: with an earlier set (square, flower,
-    frame, a thin plus) the quick start's reconstructions were classified at 43% against 73% with this one."""
+    frame, a thin plus) the quick start's reconstructions were classified at 43% against 73% with this one (both
+    after 1000 tokenizer steps)."""
     r, th = np.hypot(u, v), np.arctan2(v, u)
     if label == 0:
         return r < 0.8
