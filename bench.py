@@ -19,7 +19,7 @@ from diffusion import DiT, Transport, guided_velocity
 from diffusion import make_config as make_dit_config
 from pretrained import FIDInceptionV3, LPIPS, DinoViT, dinov2_config
 from proxy import ProxyConfig, ProxyNet
-from tokenizer import MAETok, make_config
+from tokenizer import build, make_config
 
 
 def timed(fn, steps, warmup, device):
@@ -68,14 +68,14 @@ def train_rate(model, loss_fn, args, device):
 
 def bench_tokenizer(args, device, ctx):
     for preset, batch in (("tiny", 64), ("MAETok-B-128", args.batch_size)):
-        model = MAETok(make_config(preset)).to(device).train()
+        model = build(make_config(preset)).to(device).train()
         x = torch.rand(batch, 3, model.cfg.image_size, model.cfg.image_size, device=device) * 2 - 1
 
         def loss(fwd):
             with ctx:
-                return fwd(x)[1]["loss"]
+                return fwd(x, model.sample_mask(batch, device))["loss"]
         s, mem = train_rate(model, loss, args, device)
-        fl = gflops(lambda: model.eval()(x[:1]))
+        fl = gflops(lambda: model.eval()(x[:1])["loss"])
         print(f"tokenizer {preset:13s} train  batch {batch:4d}: {batch / s:8.1f} img/s  ({s * 1e3:.0f} ms/step), "
               f"forward {fl:.1f} GFLOPs/img, {mem}")
 

@@ -17,8 +17,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from tokenizer import from_checkpoint
-from train_tokenizer import autocast_context, find_checkpoint, load_checkpoint, setup_distributed
+from engine import autocast_context, find_checkpoint, load_checkpoint, setup_distributed
+from tokenizer import comparable_config, from_checkpoint
 
 
 def parse_args(argv=None):
@@ -39,12 +39,6 @@ def parse_args(argv=None):
     return args
 
 
-def normalized_config(cfg):
-    """A tokenizer config as it reads back from JSON (tuples become lists), aux decoders aside: what a cache
-    and a diffusion checkpoint record and compare."""
-    return json.loads(json.dumps({**cfg, "aux_targets": []}))
-
-
 @torch.no_grad()
 def main(argv=None):
     args = parse_args(argv)
@@ -53,7 +47,7 @@ def main(argv=None):
     ckpt_path = find_checkpoint(args.tokenizer_ckpt)
     ckpt = load_checkpoint(ckpt_path)
     tok = from_checkpoint(ckpt).to(device)
-    size = tok.cfg.image_size
+    size, (L, C) = tok.image_size, tok.latent_shape
     try:
         src = data.build_source(args.data_path, size, "train", args.builtin_size)
     except (FileNotFoundError, ValueError) as e:
@@ -70,7 +64,7 @@ def main(argv=None):
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, mine), batch_size=args.batch_size,
                                          num_workers=args.num_workers)
     shards, buf, done = [], {"i": [], "y": [], "z": [], "zf": []}, 0
-    moments = torch.zeros(1 + 2 * tok.cfg.latent_dim, dtype=torch.float64)
+    moments = torch.zeros(1 + 2 * C, dtype=torch.float64, device=device)  # on the device: no copy per batch
     for x, y, _ in tqdm(loader, disable=rank != 0, desc="encoding"):
         x = x.to(device)
         with ctx:
@@ -85,7 +79,6 @@ def main(argv=None):
             shards.append(data.write_latent_shard(args.cache_path, rank, len(shards), buf["i"], buf["y"],
                                                   torch.cat(buf["z"]), torch.cat(buf["zf"]), dtype))
             buf = {"i": [], "y": [], "z": [], "zf": []}
-    moments = moments.to(device)
     all_shards = [None] * world
     if ddp:
         dist.all_reduce(moments)
@@ -95,10 +88,10 @@ def main(argv=None):
     if rank == 0:
         mean, std = data.moments_to_stats(moments.cpu())
         meta = {"num_images": len(ds), "num_classes": src.num_classes, "image_size": size,
-                "latent_shape": [tok.cfg.num_latent_tokens, tok.cfg.latent_dim], "grid": None,
+                "latent_shape": [L, C], "grid": tok.grid,
                 "mean": mean.tolist(), "std": std.tolist(), "dtype": args.cache_dtype,
                 "tokenizer_ckpt": os.path.abspath(ckpt_path), "tokenizer_step": ckpt.get("step"),
-                "tokenizer_config": normalized_config(ckpt["config"]),
+                "tokenizer_config": comparable_config(ckpt["config"]),
                 "data_path": args.data_path, "shards": [s for r in all_shards for s in r]}
         tmp = os.path.join(args.cache_path, data.CACHE_META + ".tmp")
         with open(tmp, "w") as f:

@@ -263,6 +263,23 @@ class BuiltinSource:
         return Image.fromarray(render_shape(self.labels[i], self.size, rng))
 
 
+class SubsetSource:
+    """The images `idx` of a source (a held-out split), with the source interface."""
+
+    def __init__(self, source, idx):
+        self.source, self.idx = source, list(idx)
+        self.labels = [source.labels[i] for i in self.idx]
+        self.num_classes, self.classes = source.num_classes, getattr(source, "classes", [])
+        if hasattr(source, "files"):
+            self.files = [source.files[i] for i in self.idx]
+
+    def __len__(self):
+        return len(self.idx)
+
+    def load(self, i):
+        return self.source.load(self.idx[i])
+
+
 def build_source(data_path, image_size, split="train", builtin_size=None):
     """'builtin' (default) | path/to/file.npz | ImageFolder-layout folder."""
     if data_path in (None, BUILTIN):
@@ -345,7 +362,8 @@ def write_latent_shard(out_dir, rank, k, indices, labels, latents, latents_flip,
 def channel_moments(z):
     """float64 (count, sum over (B, L) per channel, sum of squares) of latents z (B, L, C)."""
     z = z.double().reshape(-1, z.shape[-1])
-    return torch.cat([torch.tensor([float(z.shape[0])], dtype=torch.float64), z.sum(0), (z * z).sum(0)])
+    n = torch.full((1,), float(z.shape[0]), dtype=torch.float64, device=z.device)  # z's device (CUDA too)
+    return torch.cat([n, z.sum(0), (z * z).sum(0)])
 
 
 def moments_to_stats(m):
@@ -402,3 +420,38 @@ class LatentCache(torch.utils.data.Dataset):
                              f"({num_tokens}, {in_channels})")
         if len(self.mean) != C or len(self.std) != C:
             raise ValueError(f"the cache statistics have {len(self.mean)} channels, its latents {C}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# subsets that see every class. ImageFolder order is class-sorted, so "the first n" of a folder holds a few
+# classes only: every evaluation subset and split goes through these
+
+def balanced_order(labels, seed=0):
+    """All indices, the classes interleaved in proportion to their sizes (a seeded shuffle within each class,
+    element j of a class of size m placed at (j + 0.5) / m): any prefix is a class-stratified sample."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    keys = np.empty(len(labels))
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        keys[rng.permutation(idx)] = (np.arange(len(idx)) + 0.5) / len(idx)
+    return np.lexsort((labels, keys)).tolist()
+
+
+def balanced_subset(labels, n, seed=0):
+    """n indices (all of them if n >= len), stratified by class, in ascending order."""
+    return sorted(balanced_order(labels, seed)[:n])
+
+
+def stratified_split(labels, test_fraction=0.2, seed=0):
+    """(train, test) index lists: within each class a seeded test_fraction is held out (at least one image of
+    every class with two or more)."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        k = max(1, round(test_fraction * len(idx))) if len(idx) > 1 else 0
+        test += idx[:k].tolist()
+        train += idx[k:].tolist()
+    return sorted(train), sorted(test)

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vit import MLP, Attention, RoPEHalf, SwiGLU
+
 
 @dataclass
 class DiTConfig:
@@ -71,12 +73,6 @@ def rope_table(head_dim, num_tokens, grid=None, theta=10000.0):
     return torch.cat([ang, ang], dim=1)                                       # (N, head_dim)
 
 
-def apply_rope(x, angles):
-    """Rotate-half RoPE: x (B, h, N, hd), angles (N, hd)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * angles.cos() + torch.cat([-x2, x1], dim=-1) * angles.sin()
-
-
 class TimestepEmbedder(nn.Module):
     """256-d sinusoid of t in [0, 1] (raw, as SiT / REPA; max period 1e4) -> MLP."""
 
@@ -119,44 +115,10 @@ def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-class Attention(nn.Module):
-    def __init__(self, cfg: DiTConfig):
-        super().__init__()
-        self.heads = cfg.heads
-        self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
-        self.proj = nn.Linear(cfg.width, cfg.width)
-        hd = cfg.width // cfg.heads
-        self.q_norm = nn.RMSNorm(hd, eps=1e-6) if cfg.qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(hd, eps=1e-6) if cfg.qk_norm else nn.Identity()
-
-    def forward(self, x, rope=None):
-        B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, h, N, hd)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, rope).type_as(v), apply_rope(k, rope).type_as(v)
-        x = F.scaled_dot_product_attention(q, k, v)                             # flash / efficient on GPU
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))
-
-
-class FeedForward(nn.Module):
+def feed_forward(cfg: DiTConfig):
     """DiT MLP (tanh GELU) or LightningDiT SwiGLU (hidden int(2/3 * 4D), with biases)."""
-
-    def __init__(self, cfg: DiTConfig):
-        super().__init__()
-        D, hidden = cfg.width, int(cfg.width * cfg.mlp_ratio)
-        self.swiglu = cfg.ffn == "swiglu"
-        if self.swiglu:
-            hidden = int(2 * hidden / 3)
-            self.w12, self.w3 = nn.Linear(D, 2 * hidden), nn.Linear(hidden, D)
-        else:
-            self.fc1, self.fc2 = nn.Linear(D, hidden), nn.Linear(hidden, D)
-
-    def forward(self, x):
-        if self.swiglu:
-            x1, x2 = self.w12(x).chunk(2, dim=-1)
-            return self.w3(F.silu(x1) * x2)
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+    hidden = int(cfg.width * cfg.mlp_ratio)
+    return SwiGLU(cfg.width, int(2 * hidden / 3)) if cfg.ffn == "swiglu" else MLP(cfg.width, hidden, "tanh")
 
 
 class DiTBlock(nn.Module):
@@ -165,13 +127,13 @@ class DiTBlock(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.norm1, self.norm2 = make_norm(cfg.norm, cfg.width, False), make_norm(cfg.norm, cfg.width, False)
-        self.attn = Attention(cfg)
-        self.mlp = FeedForward(cfg)
+        self.attn = Attention(cfg.width, cfg.heads, RoPEHalf() if cfg.rope else None, cfg.qk_norm)
+        self.mlp = feed_forward(cfg)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 6 * cfg.width))
 
-    def forward(self, x, c, rope=None):
+    def forward(self, x, c, *rope):
         sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # (B, D) each
-        x = x + g1.unsqueeze(1) * self.attn(modulate(self.norm1(x), sh1, sc1), rope)
+        x = x + g1.unsqueeze(1) * self.attn(modulate(self.norm1(x), sh1, sc1), *rope)
         return x + g2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), sh2, sc2))
 
 
@@ -231,8 +193,9 @@ class DiT(nn.Module):
         c = self.t_embedder(t)                                                # (B, D)
         if self.y_embedder is not None:
             c = c + self.y_embedder(y, self.training)
+        rope = () if self.rope is None else (self.rope,)                       # the RoPE angle table
         for blk in self.blocks:
-            h = blk(h, c, self.rope)
+            h = blk(h, c, *rope)
         return self.final_layer(h, c)                                         # (B, L, C)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels=None):

@@ -151,17 +151,20 @@ def pca_dim(z, var=0.9):
     return int((ratio < var).sum().item()) + 1
 
 
-def pca_standardize(z, dim):
-    """Project centred z (N, D) on its top `dim` principal axes, then standardize each axis."""
-    z = z.double() - z.double().mean(0)
-    _, _, V = torch.linalg.svd(z, full_matrices=False)
-    p = z @ V[:dim].T
-    return p / p.std(0).clamp_min(1e-12)
+def pca_standardize(z, dim, *held_out):
+    """Project centred z (N, D) on its top `dim` principal axes, then standardize each axis; held-out sets go
+    through the same map (fitted on z). Returns the projected z, or a list [z, *held_out]."""
+    mu = z.double().mean(0)
+    _, _, V = torch.linalg.svd(z.double() - mu, full_matrices=False)
+    proj = lambda a: (a.double() - mu) @ V[:dim].T
+    sd = proj(z).std(0).clamp_min(1e-12)
+    out = [proj(a) / sd for a in (z, *held_out)]
+    return out if held_out else out[0]
 
 
-def gmm_nll(x, K, iters=200, seed=0, tol=1e-6):
-    """Diagonal-covariance Gaussian mixture fitted by EM (k-means++-style init); returns the mean negative
-    log-likelihood per sample (nats) of x (N, d) under the fitted mixture."""
+def gmm_nll(x, K, iters=200, seed=0, tol=1e-6, x_test=None):
+    """Diagonal-covariance Gaussian mixture fitted by EM (k-means++-style init) on x (N, d); returns the mean
+    negative log-likelihood per sample (nats) of x_test (held out) or, without it, of x itself."""
     g = torch.Generator().manual_seed(seed)
     x = x.double()
     N, d = x.shape
@@ -183,7 +186,11 @@ def gmm_nll(x, K, iters=200, seed=0, tol=1e-6):
         if prev - nll < tol:
             break
         prev = nll
-    return nll
+    if x_test is None:
+        return nll
+    xt = x_test.double()
+    logp = (-0.5 * (((xt[:, None] - mu) ** 2) / var + var.log() + math.log(2 * math.pi)).sum(-1)) + logw
+    return -torch.logsumexp(logp, dim=1).mean().item()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -250,23 +257,32 @@ class Features:
         return {k: v.double().cpu().numpy() for k, v in out.items()}
 
 
+def gather_to_rank0(obj, rank, world):
+    """The list of every rank's obj on rank 0 (None elsewhere): features go to the one rank that needs them."""
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * world if rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def extract(feats, batches, rank=0, world=1, desc="features"):
-    """Concatenated features of all batches; under torchrun each rank takes every world-th batch."""
-    parts = []
-    for i, b in enumerate(tqdm(batches, desc=desc, disable=rank != 0)):
-        if i % world == rank:
-            parts.append((i, feats(b)))
-    if world > 1:
-        import torch.distributed as dist
-        gathered = [None] * world
-        dist.all_gather_object(gathered, parts)
-        parts = sorted((p for g in gathered for p in g), key=lambda p: p[0])
+    """Concatenated features of all batches on rank 0 (None on the others); under torchrun each rank takes
+    every world-th batch."""
+    parts = [(i, feats(b)) for i, b in enumerate(tqdm(batches, desc=desc, disable=rank != 0)) if i % world == rank]
+    gathered = gather_to_rank0(parts, rank, world)
+    if gathered is None:
+        return None
+    parts = sorted((p for g in gathered for p in g), key=lambda p: p[0])
     return {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]} if parts else {}
 
 
 def reference_stats(path, feats, batch_size, rank, world, pr_images=10_000):
-    """Statistics of a reference batch: precomputed ADM mu / sigma / mu_s / sigma_s (Inception only) are used
-    as is; otherwise computed and cached beside the file. Features of the first pr_images for P/R."""
+    """Statistics of a reference batch (on rank 0; None on the others): precomputed ADM mu / sigma / mu_s /
+    sigma_s (Inception only) are used as is; otherwise computed and cached beside the file (a read-only folder:
+    a warning, and the statistics are used all the same). P/R uses a seeded random pr_images of the features
+    (an ADM batch: its first pr_images, which are in random order)."""
     cache = f"{path.rstrip('/')}.{feats.id}.stats.npz"
     st = os.stat(path)
     stamp = np.array([st.st_size, st.st_mtime])
@@ -280,16 +296,21 @@ def reference_stats(path, feats, batch_size, rank, world, pr_images=10_000):
             pre = {k: f[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in f.files}
     limit = pr_images if "mu" in pre else None
     f = extract(feats, image_batches(path, batch_size, limit), rank, world, desc="reference features")
-    out = {"stamp": stamp, "pr_feats": f["pool"][:pr_images]}
+    if f is None:
+        return None
+    keep = np.sort(np.random.default_rng(0).permutation(len(f["pool"]))[:pr_images])  # a folder is class-sorted
+    out = {"stamp": stamp, "pr_feats": f["pool"][keep]}
     if "mu" in pre:
         out.update(pre)
     else:
         out["mu"], out["sigma"] = gaussian_stats(f["pool"])
         if "spatial" in f:
             out["mu_s"], out["sigma_s"] = gaussian_stats(f["spatial"])
-    if rank == 0:
+    try:
         np.savez(cache + ".tmp.npz", **out)
         os.replace(cache + ".tmp.npz", cache)
+    except OSError as e:
+        warnings.warn(f"cannot write the reference statistics cache {cache} ({e}); using them without caching")
     return out
 
 
@@ -312,7 +333,7 @@ def generation_metrics(sample_feats, ref, labels=None, split_size=5000):
 # the three commands
 
 def setup(args):
-    from train_tokenizer import setup_distributed
+    from engine import setup_distributed
     ddp, rank, world, _, device = setup_distributed()
     feats = None
     if getattr(args, "feature_net", None):
@@ -352,6 +373,8 @@ def cmd_gen(args):
         s = extract(feats, npz_batches(args.samples, args.batch_size), rank, world, desc="sample features")
     except (ValueError, KeyError, OSError) as e:
         sys.exit(f"error: {e}")
+    if rank != 0:  # the features went to rank 0
+        return None
     labels = None
     with np.load(args.samples) as f:
         for key in ("labels", "arr_1"):
@@ -369,14 +392,13 @@ def cmd_gen(args):
 
 @torch.no_grad()
 def cmd_recon(args):
+    from engine import autocast_context, load_checkpoint
     from tokenizer import from_checkpoint
-    from train_tokenizer import autocast_context, load_checkpoint
     ddp, rank, world, device, feats = setup(args)
     _, ctx = autocast_context(args.precision, device)
     tok = from_checkpoint(load_checkpoint(args.ckpt), ema=not args.raw).to(device)
-    size = tok.cfg.image_size
     try:
-        src = data.build_source(args.data_path, size, "val", args.num_images)
+        src = data.build_source(args.data_path, tok.image_size, "val", args.num_images)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     lpips = None
@@ -386,32 +408,33 @@ def cmd_recon(args):
             lpips = load_lpips(args.vgg_ckpt).to(device)
         except (RuntimeError, FileNotFoundError, KeyError) as e:
             sys.exit(f"error: LPIPS: {e} (or evaluate without it: --lpips 0)")
-    ds = data.ImageDataset(src, size, train=False)                          # ADM center crop
-    n = min(args.num_images, len(ds))
-    sums = torch.zeros(4, dtype=torch.float64)                              # psnr, ssim, lpips, count
+    ds = data.ImageDataset(src, tok.image_size, train=False)                 # ADM center crop
+    idx = data.balanced_subset(src.labels, args.num_images)                 # every class, not the first n
+    sums = torch.zeros(4, dtype=torch.float64, device=device)               # psnr, ssim, lpips, count
     fr, fx, hits = [], [], []  # hits: proxy only, does the reconstruction still show its class?
-    batches = list(range(0, n, args.batch_size))
+    batches = [idx[b:b + args.batch_size] for b in range(0, len(idx), args.batch_size)]
     for b in tqdm(batches[rank::world], desc="reconstructing", disable=rank != 0):
-        items = [ds[i] for i in range(b, min(b + args.batch_size, n))]
+        items = [ds[i] for i in b]
         x = torch.stack([it[0] for it in items]).to(device)
         with ctx:
             rec = tok.decode(tok.encode(x)).float().clamp(-1, 1)
         u8x, u8r = data.to_uint8(x), data.to_uint8(rec)
-        sums += torch.stack([psnr(u8x, u8r).sum(), ssim(u8x, u8r).sum(),
-                             lpips(rec, x).sum().double().cpu() if lpips else torch.tensor(0.0, dtype=torch.float64),
-                             torch.tensor(float(len(x)), dtype=torch.float64)])
+        lp = lpips(rec, x).sum().double().cpu() if lpips else torch.tensor(0.0, dtype=torch.float64)
+        sums += torch.stack([psnr(u8x, u8r).sum(), ssim(u8x, u8r).sum(), lp,
+                             torch.tensor(float(len(x)), dtype=torch.float64)]).to(device)
         if feats is not None:
             fx.append(feats(u8x.numpy())["pool"])
             out = feats(u8r.numpy())
             fr.append(out["pool"])
             if feats.kind == "proxy":
                 hits.append(out["logits"].argmax(1) == np.array([it[1] for it in items]))
-    if ddp:
-        import torch.distributed as dist
-        dist.all_reduce(sums)
-        gathered = [None] * world
-        dist.all_gather_object(gathered, (fx, fr, hits))
+    if ddp:  # sums on the device (NCCL reduces CUDA tensors only); features to rank 0 only
+        torch.distributed.all_reduce(sums)
+        gathered = gather_to_rank0((fx, fr, hits), rank, world)
+        if rank != 0:
+            return None
         fx, fr, hits = ([a for g in gathered for a in g[j]] for j in range(3))
+    sums = sums.cpu()
     res = {"ckpt": args.ckpt, "weights": "raw" if args.raw else "ema", "num_images": int(sums[3]),
            "psnr": (sums[0] / sums[3]).item(), "ssim": (sums[1] / sums[3]).item()}
     if lpips:
@@ -426,53 +449,55 @@ def cmd_recon(args):
 
 
 @torch.no_grad()
-def encode_labeled(tok, src, n, device, batch_size=256):
-    ds = data.ImageDataset(src, tok.cfg.image_size, train=False)
-    z, y = [], []
-    for b in tqdm(range(0, min(n, len(ds)), batch_size), desc="encoding"):
-        items = [ds[i] for i in range(b, min(b + batch_size, n, len(ds)))]
-        z.append(tok.encode(torch.stack([it[0] for it in items]).to(device)).float().cpu())
-        y += [it[1] for it in items]
-    return torch.cat(z), torch.tensor(y)
+def encode_labeled(tok, src, idx, device, batch_size=256):
+    ds = data.ImageDataset(src, tok.image_size, train=False)
+    z = []
+    for b in tqdm(range(0, len(idx), batch_size), desc="encoding"):
+        x = torch.stack([ds[i][0] for i in idx[b:b + batch_size]]).to(device)
+        z.append(tok.encode(x).float().cpu())
+    return torch.cat(z), torch.tensor([src.labels[i] for i in idx])
 
 
 def cmd_latent(args):
+    """Probes on held-out latents: the linear probe and the GMM NLL are fitted on one class-stratified part and
+    measured on the other (the built-in data: its train and val splits)."""
+    from engine import load_checkpoint
     from tokenizer import from_checkpoint
-    from train_tokenizer import load_checkpoint
     _, rank, _, device, _ = setup(args)
-    if args.cache_path:  # cached (unflipped) latents, split 80 / 20 by index
+    if args.cache_path:  # cached (unflipped) latents
         c = data.LatentCache(args.cache_path)
-        n = min(args.num_images, len(c))
-        z = torch.stack([c.shards[c.shard_of[i]]["latents"][c.row_of[i]].float() for i in range(n)])
-        y = torch.tensor(c.labels[:n])
-        cut = int(0.8 * n)
-        (z_tr, y_tr), (z_te, y_te) = (z[:cut], y[:cut]), (z[cut:], y[cut:])
+        idx = data.balanced_subset(c.labels, args.num_images)
+        z = torch.stack([c.shards[c.shard_of[i]]["latents"][c.row_of[i]].float() for i in idx])
+        y = torch.tensor([c.labels[i] for i in idx])
+        tr, te = data.stratified_split(y.tolist())
+        (z_tr, y_tr), (z_te, y_te) = (z[tr], y[tr]), (z[te], y[te])
     else:
         tok = from_checkpoint(load_checkpoint(args.ckpt)).to(device)
         try:
-            tr = data.build_source(args.data_path, tok.cfg.image_size, "train", args.num_images)
-            te = data.build_source(args.data_path, tok.cfg.image_size, "val", args.num_images // 4) \
+            src = data.build_source(args.data_path, tok.image_size, "train", args.num_images)
+            val = data.build_source(args.data_path, tok.image_size, "val", args.num_images // 4) \
                 if args.data_path == data.BUILTIN else None
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
-        z_tr, y_tr = encode_labeled(tok, tr, args.num_images, device)
-        if te is None:
-            cut = int(0.8 * len(z_tr))
-            z_tr, y_tr, z_te, y_te = z_tr[:cut], y_tr[:cut], z_tr[cut:], y_tr[cut:]
+        if val is not None:
+            z_tr, y_tr = encode_labeled(tok, src, data.balanced_subset(src.labels, args.num_images), device)
+            z_te, y_te = encode_labeled(tok, val, data.balanced_subset(val.labels, args.num_images // 4), device)
         else:
-            z_te, y_te = encode_labeled(tok, te, args.num_images // 4, device)
+            sub = data.balanced_subset(src.labels, args.num_images)
+            tr, te = data.stratified_split([src.labels[i] for i in sub])
+            z_tr, y_tr = encode_labeled(tok, src, [sub[i] for i in tr], device)
+            z_te, y_te = encode_labeled(tok, src, [sub[i] for i in te], device)
     res = {"source": args.cache_path or args.ckpt, "latent_shape": list(z_tr.shape[1:]),
            "num_train": len(z_tr), "num_test": len(z_te)}
     if len(torch.unique(y_tr)) > 1:
         res["linear_probe_accuracy"] = linear_probe(z_tr, y_tr, z_te, y_te)
-    flat = z_tr.flatten(1)
-    dim = args.pca_dim or pca_dim(flat, 0.9)
-    x = pca_standardize(flat, dim)
+    dim = args.pca_dim or pca_dim(z_tr.flatten(1), 0.9)
+    x_tr, x_te = pca_standardize(z_tr.flatten(1), dim, z_te.flatten(1))
     ks = [int(k) for k in args.gmm_k.split(",")]
-    nll = {k: gmm_nll(x, k) for k in tqdm(ks, desc="GMM")}
+    nll = {k: gmm_nll(x_tr, k, x_test=x_te) for k in tqdm(ks, desc="GMM")}
     res.update({"gmm_pca_dim": dim, "gmm_nll_per_dim": {str(k): v / dim for k, v in nll.items()}})
     out = args.out or os.path.join(args.cache_path or run_folder(args.ckpt), "latent-metrics.json")
-    report(res, "latent probes", out, rank)
+    report(res, "latent probes (held-out)", out, rank)
     if rank == 0:
         plot_gmm(ks, [nll[k] / dim for k in ks], os.path.splitext(out)[0] + "-gmm.png")
     return res

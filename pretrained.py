@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer import MLP, Attention, LayerScale
+from vit import Block, SwiGLU
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision IMAGENET1K_V1
 FID_INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -343,19 +343,6 @@ def dinov2_config(arch="vitb14", registers=False):
                      interpolate_antialias=registers)
 
 
-class SwiGLU(nn.Module):
-    """DINOv2 SwiGLUFFNFused (ViT-g): hidden = 2/3 * 4D rounded up to a multiple of 8, packed w12."""
-
-    def __init__(self, dim, hidden):
-        super().__init__()
-        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
-        self.w12, self.w3 = nn.Linear(dim, 2 * hidden), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        x1, x2 = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(x1) * x2)
-
-
 class PatchEmbed(nn.Module):
     def __init__(self, patch_size, dim):
         super().__init__()
@@ -365,19 +352,12 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)                         # (B, N, D) row-major
 
 
-class ViTBlock(nn.Module):
-    def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        D, hidden = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
-        self.norm1, self.norm2 = nn.LayerNorm(D, eps=1e-6), nn.LayerNorm(D, eps=1e-6)
-        self.attn = Attention(D, cfg.num_heads)
-        self.mlp = SwiGLU(D, hidden) if cfg.ffn == "swiglu" else MLP(D, hidden, approximate=cfg.gelu)
-        self.ls1 = LayerScale(D, 1.0) if cfg.layerscale else nn.Identity()
-        self.ls2 = LayerScale(D, 1.0) if cfg.layerscale else nn.Identity()
-
-    def forward(self, x):
-        x = x + self.ls1(self.attn(self.norm1(x)))
-        return x + self.ls2(self.mlp(self.norm2(x)))
+def dinov2_block(cfg: ViTConfig):
+    """An official DINOv2 / DINO v1 block: LayerScale (DINOv2), GELU MLP or SwiGLUFFNFused (ViT-g, hidden 2/3 *
+    4D rounded up to a multiple of 8)."""
+    D, hidden = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
+    ffn = SwiGLU(D, (int(hidden * 2 / 3) + 7) // 8 * 8) if cfg.ffn == "swiglu" else None
+    return Block(D, cfg.num_heads, cfg.mlp_ratio, ls_init=1.0 if cfg.layerscale else None, ffn=ffn, gelu=cfg.gelu)
 
 
 class DinoViT(nn.Module):
@@ -395,7 +375,7 @@ class DinoViT(nn.Module):
             if cfg.num_register_tokens else None
         self.mask_token = nn.Parameter(torch.zeros(1, D)) if cfg.layerscale else None  # DINOv2 only; unused
         self.patch_embed = PatchEmbed(cfg.patch_size, D)
-        self.blocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(dinov2_block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(D, eps=1e-6)
 
     def interpolate_pos_encoding(self, H, W):

@@ -70,7 +70,8 @@ def load_proxy(path):
 
 @torch.no_grad()
 def accuracy(model, ds, n, batch_size=256):
-    idx = list(range(min(n, len(ds))))
+    """Accuracy on n class-balanced images of ds (never the first n of a class-sorted folder)."""
+    idx = data.balanced_subset(ds.source.labels, n)
     correct = 0
     for b in range(0, len(idx), batch_size):
         items = [ds[i] for i in idx[b:b + batch_size]]
@@ -96,8 +97,11 @@ def main(argv=None):
         p.error("--steps, --batch_size and --image_size must be positive")
     try:
         src = data.build_source(args.data_path, args.image_size, "train")
-        val = data.build_source(args.val_data_path or args.data_path, args.image_size, "val") \
-            if args.val_data_path or args.data_path == data.BUILTIN else src
+        if args.val_data_path or args.data_path == data.BUILTIN:
+            val = data.build_source(args.val_data_path or args.data_path, args.image_size, "val")
+        else:  # one labeled folder: hold out a class-stratified 10% for the accuracy
+            train_idx, val_idx = data.stratified_split(src.labels, 0.1, args.seed)
+            src, val = data.SubsetSource(src, train_idx), data.SubsetSource(src, val_idx)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     if src.num_classes < 2:

@@ -9,10 +9,9 @@ mkdir -p "$OUT"
 run() { echo "+ $*"; "$@"; }
 
 # 1. tokenizer (tiny preset, 32 px, 32 tokens x 8 channels): the paper's objective, mask modeling (ratio 0.4-0.6)
-#    with the pixel and HOG targets; LPIPS off (no VGG weights offline)
-run python train_tokenizer.py --preset tiny --results_dir "$OUT/tokenizer" --global_batch_size 32 \
-    --lr 2e-3 --warmup_steps 100 --max_steps 1300 --perceptual_weight 0 --ema_decay 0.99 --num_workers 1 \
-    --log_every 50 --eval_every 1300 --eval_images 500 --grid_every 1300
+#    with the pixel and HOG targets; LPIPS off (no VGG weights offline). The preset brings its recipe: batch 32,
+#    lr 2e-3, warmup 100, 1300 steps, EMA 0.99 (tokenizer.RECIPES)
+run python train_tokenizer.py --preset tiny --perceptual_weight 0 --results_dir "$OUT/tokenizer" --num_workers 1
 TOK=$(ls -d "$OUT"/tokenizer/*/ | tail -n 1)
 # 2. the proxy feature network (FID / precision / recall / class accuracy at this scale; never an Inception FID)
 run python proxy.py --image_size 32 --steps 600 --out "$OUT/proxy.pt"

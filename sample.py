@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 import data
 from diffusion import DiT, DiTConfig, Transport, guided_velocity
+from engine import autocast_context, find_checkpoint, load_checkpoint, setup_distributed
 from tokenizer import from_checkpoint
-from train_tokenizer import autocast_context, find_checkpoint, load_checkpoint, setup_distributed
 
 
 def parse_args(argv=None):
@@ -46,6 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="output .png (grid) or .npz (default: beside the checkpoint)")
     p.add_argument("--raw", action="store_true", help="use the raw (non-EMA) weights")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the denoiser (one graph per batch shape)")
     args = p.parse_args(argv)
     try:
         args.classes = [int(c) for c in args.classes.split(",") if c]
@@ -73,9 +74,9 @@ def load(args, device):
     if not os.path.exists(tok_path):
         sys.exit(f"error: tokenizer checkpoint {tok_path!r} not found; pass it with --tokenizer_ckpt")
     tok = from_checkpoint(load_checkpoint(tok_path))
-    if (tok.cfg.num_latent_tokens, tok.cfg.latent_dim) != (model.cfg.num_tokens, model.cfg.in_channels):
-        sys.exit(f"error: tokenizer {tok_path!r} makes ({tok.cfg.num_latent_tokens}, {tok.cfg.latent_dim}) latents, "
-                 f"the denoiser expects ({model.cfg.num_tokens}, {model.cfg.in_channels})")
+    if tuple(tok.latent_shape) != (model.cfg.num_tokens, model.cfg.in_channels):
+        sys.exit(f"error: tokenizer {tok_path!r} makes {tuple(tok.latent_shape)} latents, the denoiser expects "
+                 f"({model.cfg.num_tokens}, {model.cfg.in_channels})")
     stats = ckpt["latent_stats"]
     return model.eval().to(device), tok.to(device), stats["mean"].to(device), stats["std"].to(device)
 
@@ -98,6 +99,8 @@ def main(argv=None):
     ddp, rank, world, _, device = setup_distributed()
     _, ctx = autocast_context(args.precision, device)
     model, tok, mean, std = load(args, device)
+    if args.compile:  # in place, so forward_with_cfg's self(...) runs the compiled graph too; t is a tensor
+        model.compile(fullgraph=True)
     K = model.cfg.num_classes
     if K and any(not 0 <= y < K for y in args.classes):
         sys.exit(f"error: --classes {args.classes}: this model has classes 0..{K - 1}")
@@ -114,8 +117,11 @@ def main(argv=None):
             print(f"wrote {out}: classes {args.classes} (rows) x seeds {args.seeds} (columns)")
     else:
         # sample i: seed (seed, i); label i mod K or from its own generator. Rank r makes i = r, r + world, ...
+        # Each rank writes its share to a memory-mapped .npy as it goes; rank 0 then holds the one in-memory copy
+        # that becomes the .npz (50K samples at 256 px: 9.8 GB)
+        out = args.out or os.path.join(run_dir, f"samples-{args.num_samples}-{tag}.npz")
         mine = list(range(rank, args.num_samples, world))
-        imgs, labels = [], []
+        part, labels = None, np.zeros(len(mine), dtype=np.int64)
         for b in tqdm(range(0, len(mine), args.batch_size), disable=rank != 0, desc="sampling"):
             idx = mine[b:b + args.batch_size]
             seeds = [args.seed * 1_000_003 + i for i in idx]
@@ -123,24 +129,28 @@ def main(argv=None):
                 ys = [i % max(K, 1) for i in idx]
             else:
                 ys = [int(torch.randint(K, (), generator=torch.Generator().manual_seed(s + 7))) for s in seeds]
-            imgs.append(data.to_uint8(generate(model, tok, mean, std, ys, seeds, args, device, ctx)).numpy())
-            labels += ys
-        out = args.out or os.path.join(run_dir, f"samples-{args.num_samples}-{tag}.npz")
-        part = f"{out}.part{rank:03d}.npz"  # each rank writes its share; rank 0 merges in sample order
-        np.savez(part, arr_0=np.concatenate(imgs) if imgs else np.zeros((0, 1, 1, 3), np.uint8),
-                 labels=np.asarray(labels, dtype=np.int64), index=np.asarray(mine, dtype=np.int64))
+            u8 = data.to_uint8(generate(model, tok, mean, std, ys, seeds, args, device, ctx)).numpy()
+            if part is None:
+                part = np.lib.format.open_memmap(f"{out}.part{rank:03d}.npy", "w+", np.uint8, (len(mine),) + u8.shape[1:])
+            part[b:b + len(idx)] = u8
+            labels[b:b + len(idx)] = ys
+        if part is not None:
+            part.flush()
+            np.save(f"{out}.labels{rank:03d}.npy", labels)
+        del part
         if ddp:
             dist.barrier()
         if rank == 0:
-            parts = [np.load(f"{out}.part{r:03d}.npz") for r in range(world)]
-            order = np.argsort(np.concatenate([p["index"] for p in parts]))
-            arr = np.concatenate([p["arr_0"] for p in parts if len(p["index"])])[order]
-            lab = np.concatenate([p["labels"] for p in parts])[order]
+            shape = np.load(f"{out}.part000.npy", mmap_mode="r").shape[1:]
+            arr, lab = np.empty((args.num_samples,) + shape, np.uint8), np.empty(args.num_samples, np.int64)
+            for r in range(min(world, args.num_samples)):
+                arr[r::world] = np.load(f"{out}.part{r:03d}.npy", mmap_mode="r")
+                lab[r::world] = np.load(f"{out}.labels{r:03d}.npy")
+                os.remove(f"{out}.part{r:03d}.npy")
+                os.remove(f"{out}.labels{r:03d}.npy")
             tmp = out + ".tmp.npz"
             np.savez(tmp, arr_0=arr, labels=lab)
             os.replace(tmp, out)
-            for r in range(world):
-                os.remove(f"{out}.part{r:03d}.npz")
             counts = np.bincount(lab)
             print(f"wrote {out}: arr_0 {arr.shape} uint8, labels {lab.shape} "
                   f"({len(counts)} classes, {counts.min()}..{counts.max()} per class)")

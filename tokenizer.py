@@ -11,17 +11,26 @@ Layout (B batch, N image patches, L latent tokens, D width, H latent channels):
             positions are modulated token-wise by their own raw latent -> LN -> patch slice -> Linear -> pixels
   aux       shallow decoders of the same class predicting HOG / DINOv2 / ... targets of the masked patches.
 The model computes its own losses (pixel MSE + aux); the training script adds LPIPS (and a GAN later).
+
+The tokenizer interface (every family; ../shared/DESIGN.md): a config dataclass with a `family` field and named
+presets, build(cfg), from_checkpoint(ckpt), encode(x) -> (B, L, C) (a grid tokenizer also reports its (H, W) as
+`grid`), decode(z), forward(x, ...) -> dict of scalar losses with 'loss' (plus the reconstruction 'rec' that the
+trainer's perceptual and adversarial terms need), and param_groups(stage): what each training stage trains.
 """
+import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vit import MLP, Attention, Block, RoPE2D, grid_positions
+
 
 @dataclass
 class TokenizerConfig:
+    family: str = "maetok"  # the key of FAMILIES: which model class this config builds
     image_size: int = 256
     patch_size: int = 16
     # encoder / pixel decoder ViTs (official: timm vit_base_patch14_dinov2 re-instantiated with patch 16)
@@ -82,137 +91,6 @@ def unpatchify(x, p, h, w, C=3):
     return torch.einsum("nhwpqc->nchpwq", x).reshape(B, C, h * p, w * p)
 
 
-def grid_positions(h, w, device=None):
-    """Integer (x, y) patch coordinates of a row-major h x w grid: (h*w, 2); x = i mod w, y = i div w."""
-    i = torch.arange(h * w, device=device)
-    return torch.stack([i % w, i // w], dim=-1).float()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 2D RoPE (official rope_utils.py). Both variants are "phase = x*fx + y*fy" per complex pair; they differ only
-# in the frequency table: axial puts half the pairs on x and half on y, mixed learns a 2D direction per pair.
-
-def rope_frequencies(heads, head_dim, theta, mixed, generator=None):
-    """(heads, head_dim/2, 2) frequency vectors (fx, fy) for each rotated pair."""
-    k = torch.arange(head_dim // 4, dtype=torch.float32)
-    mag = theta ** (-4 * k / head_dim)                                        # (head_dim/4,) 1 ... theta^-1
-    if mixed:  # RoPE-Mixed (Heo et al. 2024): a random angle per head, the second half rotated by pi/2
-        a = torch.rand(heads, 1, generator=generator) * 2 * math.pi           # (heads, 1)
-        f1 = torch.stack([torch.cos(a) * mag, torch.sin(a) * mag], -1)        # (heads, hd/4, 2)
-        f2 = torch.stack([torch.cos(a + math.pi / 2) * mag, torch.sin(a + math.pi / 2) * mag], -1)
-        return torch.cat([f1, f2], dim=1)                                     # (heads, hd/2, 2)
-    zero = torch.zeros_like(mag)
-    fx, fy = torch.stack([mag, zero], -1), torch.stack([zero, mag], -1)       # (hd/4, 2) each: [x-part, y-part]
-    return torch.cat([fx, fy], dim=0).expand(heads, -1, -1).clone()
-
-
-def apply_rope(x, angles):
-    """Rotate consecutive (even, odd) pairs of x (B, h, N, hd) by angles (h, N, hd/2); in fp32 as official."""
-    xf = x.float().unflatten(-1, (-1, 2))                                     # (B, h, N, hd/2, 2)
-    cos, sin = angles.cos(), angles.sin()
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
-    return out.flatten(-2).type_as(x)
-
-
-class RoPE2D(nn.Module):
-    def __init__(self, heads, head_dim, theta, mixed):
-        super().__init__()
-        assert head_dim % 4 == 0, "2D RoPE needs head_dim divisible by 4"
-        freqs = rope_frequencies(heads, head_dim, theta, mixed)
-        if mixed:  # learnable, excluded from weight decay (official)
-            self.freqs = nn.Parameter(freqs)
-        else:
-            self.register_buffer("freqs", freqs, persistent=False)
-
-    def forward(self, pos):
-        """pos (N, 2) -> angles (heads, N, head_dim/2), computed in fp32."""
-        return torch.einsum("nd,hkd->hnk", pos.float(), self.freqs.float())
-
-
-# ----------------------------------------------------------------------------------------------------------
-# ViT parts
-
-class Attention(nn.Module):
-    def __init__(self, dim, heads, rope=None, theta=10.0):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.rope = RoPE2D(heads, dim // heads, theta, rope == "mixed") if rope else None
-
-    def forward(self, x, pos=None, span=(0, 0)):
-        """x (B, T, D); pos (N, 2) are the grid coordinates of tokens span[0]:span[1], the only ones rotated."""
-        B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, h, T, hd)
-        if self.rope is not None:
-            s, e = span
-            angles = self.rope(pos)                                           # (h, N, hd/2)
-            q = torch.cat([q[:, :, :s], apply_rope(q[:, :, s:e], angles), q[:, :, e:]], dim=2)
-            k = torch.cat([k[:, :, :s], apply_rope(k[:, :, s:e], angles), k[:, :, e:]], dim=2)
-        # the official code falls back to explicit softmax attention with RoPE; SDPA is exact and fast
-        x = F.scaled_dot_product_attention(q, k, v)                            # (B, h, T, hd)
-        return self.proj(x.transpose(1, 2).reshape(B, T, D))
-
-
-class MLP(nn.Module):
-    def __init__(self, dim, hidden, approximate="none"):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-        self.approximate = approximate  # exact GELU (timm default); 'tanh' where an official model uses it
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
-
-
-class LayerScale(nn.Module):
-    def __init__(self, dim, init):
-        super().__init__()
-        self.gamma = nn.Parameter(init * torch.ones(dim))
-
-    def forward(self, x):
-        return x * self.gamma
-
-
-class Block(nn.Module):
-    """Pre-LN ViT block with LayerScale (encoder; DINOv2 architecture, LN eps 1e-6)."""
-
-    def __init__(self, dim, heads, mlp_ratio, rope, theta, ls_init):
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, heads, rope, theta)
-        self.mlp = MLP(dim, int(dim * mlp_ratio))
-        self.ls1, self.ls2 = LayerScale(dim, ls_init), LayerScale(dim, ls_init)
-
-    def forward(self, x, pos, span):
-        x = x + self.ls1(self.attn(self.norm1(x), pos, span))
-        return x + self.ls2(self.mlp(self.norm2(x)))
-
-
-class ModulatedBlock(nn.Module):
-    """Official MoVQBlockv2: after each (non-affine) LN, the L latent positions (the last L tokens) are set to
-    scale * x + shift, where (shift, scale) come from SiLU -> Linear(H -> 4D) of that token's raw latent.
-    Zero-initialised, so latent positions enter every sublayer as zeros at init. Image tokens are untouched."""
-
-    def __init__(self, dim, heads, mlp_ratio, latent_dim, rope, theta):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
-        self.attn = Attention(dim, heads, rope, theta)
-        self.mlp = MLP(dim, int(dim * mlp_ratio))
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(latent_dim, 4 * dim))
-
-    @staticmethod
-    def modulate(x, shift, scale):
-        L = shift.shape[1]
-        return torch.cat([x[:, :-L], x[:, -L:] * scale + shift], dim=1)      # no "1 +": official
-
-    def forward(self, x, z, pos, span):
-        shift1, scale1, shift2, scale2 = self.ada(z).chunk(4, dim=-1)        # (B, L, D) each
-        x = x + self.attn(self.modulate(self.norm1(x), shift1, scale1), pos, span)
-        return x + self.mlp(self.modulate(self.norm2(x), shift2, scale2))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # HOG target (official utils/hog.py, from MaskFeat / SlowFast), generalised to any size and patch size
 
@@ -237,8 +115,12 @@ class HOG(nn.Module):
 
     @torch.no_grad()
     def forward(self, x):
-        """x (B, 3, H, W) in [-1, 1] -> cells (B, 3, nbins, H/pool, W/pool)."""
-        x = x.float()
+        """x (B, 3, H, W) in [-1, 1] -> cells (B, 3, nbins, H/pool, W/pool). fp32 with autocast off (official):
+        in bf16 the Sobel responses round and orientation bins flip on textured images."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self.cells(x.float())
+
+    def cells(self, x):
         B, C, H, W = x.shape
         x = F.pad(x, (1, 1, 1, 1), mode="reflect")
         gx = F.conv2d(x, self.weight_x, groups=3)
@@ -265,6 +147,34 @@ class HOG(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # encoder and decoders
 
+def rope2d(cfg, dim, heads):
+    return RoPE2D(heads, dim // heads, cfg.rope_theta, cfg.rope == "mixed")
+
+
+class ModulatedBlock(nn.Module):
+    """Official MoVQBlockv2: after each (non-affine) LN, the L latent positions (the last L tokens) are set to
+    scale * x + shift, where (shift, scale) come from SiLU -> Linear(H -> 4D) of that token's raw latent.
+    Zero-initialised, so latent positions enter every sublayer as zeros at init. Image tokens are untouched."""
+
+    def __init__(self, cfg, dim, heads):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.attn = Attention(dim, heads, rope2d(cfg, dim, heads))
+        self.mlp = MLP(dim, int(dim * cfg.mlp_ratio))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cfg.latent_dim, 4 * dim))
+
+    @staticmethod
+    def modulate(x, shift, scale):
+        L = shift.shape[1]
+        return torch.cat([x[:, :-L], x[:, -L:] * scale + shift], dim=1)      # no "1 +": official
+
+    def forward(self, x, z, pos, span):
+        shift1, scale1, shift2, scale2 = self.ada(z).chunk(4, dim=-1)        # (B, L, D) each
+        x = x + self.attn(self.modulate(self.norm1(x), shift1, scale1), pos, span)
+        return x + self.mlp(self.modulate(self.norm2(x), shift2, scale2))
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
@@ -276,7 +186,7 @@ class Encoder(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + N, D))
         self.latent_tokens = nn.Parameter(torch.zeros(1, L, D))
         self.latent_pos_embed = nn.Parameter(torch.zeros(1, L, D))
-        self.blocks = nn.ModuleList(Block(D, cfg.enc_heads, cfg.mlp_ratio, cfg.rope, cfg.rope_theta,
+        self.blocks = nn.ModuleList(Block(D, cfg.enc_heads, cfg.mlp_ratio, rope2d(cfg, D, cfg.enc_heads),
                                           cfg.layerscale_init) for _ in range(cfg.enc_depth))
         self.norm = nn.LayerNorm(D, eps=1e-6)
         self.to_latent = nn.Linear(D, cfg.latent_dim)                         # official quant_conv
@@ -306,8 +216,7 @@ class Decoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         self.from_latent = nn.Linear(cfg.latent_dim, width)                  # official post_quant_conv
         self.latent_pos_embed = nn.Parameter(torch.zeros(1, L, width))
-        self.blocks = nn.ModuleList(ModulatedBlock(width, heads, cfg.mlp_ratio, cfg.latent_dim, cfg.rope,
-                                                   cfg.rope_theta) for _ in range(depth))
+        self.blocks = nn.ModuleList(ModulatedBlock(cfg, width, heads) for _ in range(depth))
         # official MoVQNorm also modulates the latent positions of the final norm, but only the patch slice
         # is read out, so that modulation cannot change the output: a plain non-affine LN is equivalent
         self.norm = nn.LayerNorm(width, eps=1e-6, elementwise_affine=False)
@@ -329,13 +238,13 @@ class Decoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the tokenizer
+# masking and training stages
 
-def sample_mask_ratio(lo, hi, std, generator=None, device=None):
+def sample_mask_ratio(lo, hi, std, generator=None):
     """One ratio from a normal(loc=hi, scale=std) truncated to [lo, hi] (official scipy truncnorm), drawn by
-    inverse CDF from the torch RNG so that it is restored on resume."""
+    inverse CDF from the CPU torch RNG: restored on resume, and no device sync in the training loop."""
     a = torch.special.ndtr(torch.tensor((lo - hi) / std, dtype=torch.float64))
-    u = a + (0.5 - a) * torch.rand((), generator=generator, dtype=torch.float64, device=device).cpu()
+    u = a + (0.5 - a) * torch.rand((), generator=generator, dtype=torch.float64)
     return float(min(max(hi + std * torch.special.ndtri(u), lo), hi))  # Phi(0) = 0.5 is the upper bound
 
 
@@ -346,6 +255,25 @@ def random_mask(B, N, ratio, device=None, generator=None):
     rank = noise.argsort(dim=1).argsort(dim=1)
     return rank < n
 
+
+@dataclass(frozen=True)
+class Stage:
+    trains: tuple    # parameter-name prefixes that train ('' = all)
+    keep_aux: bool   # False: the aux decoders are dropped (MAETok paper, decoder fine-tuning)
+    mask: str        # 'drawn': one ratio per batch (truncated normal); 'anneal': mask_ratio -> 0 linearly
+    init: bool       # starts from the EMA weights of a previous stage (--init_from)
+
+
+STAGES = {"maetok": {
+    "main": Stage(trains=("",), keep_aux=True, mask="drawn", init=False),
+    # paper: encoder frozen, aux decoders discarded, mask ratio 60% -> 0 over 50K steps (official code: absent)
+    "decoder_finetune": Stage(trains=("decoder.",), keep_aux=False, mask="anneal", init=True),
+}}
+NO_DECAY = ("pos_embed", "cls_token", "mask_token", "latent_tokens", "rope.freqs")  # embeddings: no weight decay
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the tokenizer
 
 class MAETok(nn.Module):
     def __init__(self, cfg: TokenizerConfig):
@@ -361,6 +289,11 @@ class MAETok(nn.Module):
                                   for name in cfg.aux_targets})
         self.feature_fns = {}  # name -> callable image (B,3,H,W) in [-1,1] -> (B, N, D); not part of the state
         self.initialize_weights()
+
+    # the interface every family shares
+    image_size = property(lambda self: self.cfg.image_size)
+    latent_shape = property(lambda self: (self.cfg.num_latent_tokens, self.cfg.latent_dim))  # (L, C)
+    grid = None  # 1D tokens: no (H, W) grid
 
     def target_dim(self, name):
         if name == "hog":
@@ -394,6 +327,16 @@ class MAETok(nn.Module):
                 D = m.ada[-1].bias.shape[0] // 4                              # (shift1, scale1, shift2, scale2)
                 m.ada[-1].bias.data.view(4, D)[1::2] = self.cfg.mod_scale_init
 
+    def param_groups(self, stage, weight_decay):
+        """AdamW groups of what `stage` trains (the rest is frozen): decay on >= 2-D non-embedding weights."""
+        trains = STAGES[self.cfg.family][stage].trains
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            p.requires_grad_(name.startswith(trains))
+            if p.requires_grad:
+                (decay if p.ndim >= 2 and not name.endswith(NO_DECAY) else no_decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
     def bottleneck(self, h):
         """The one place where the bottleneck lives. MAETok is a plain AE: no noise, no KL, no normalisation
         after the projection. A KL tokenizer (MacTok) splits h into (mean, logvar) and samples here."""
@@ -408,12 +351,15 @@ class MAETok(nn.Module):
         g = self.cfg.grid_size
         return unpatchify(self.decoder(z), self.cfg.patch_size, g, g)
 
-    def sample_mask(self, B, device, mask_ratio=None):
-        """Training mask: a given ratio (decoder fine-tuning schedule) or one drawn per batch (official)."""
+    def draw_mask_ratio(self, generator=None):
         c = self.cfg
-        if mask_ratio is None:
-            mask_ratio = sample_mask_ratio(c.mask_ratio_min, c.mask_ratio, c.mask_ratio_std, device=device)
-        return random_mask(B, c.num_patches, mask_ratio, device=device) if mask_ratio > 0 else None
+        return sample_mask_ratio(c.mask_ratio_min, c.mask_ratio, c.mask_ratio_std, generator)
+
+    def sample_mask(self, B, device, ratio=None):
+        """A training mask (B, N): a given ratio (decoder fine-tuning schedule) or one drawn (official).
+        Drawn outside the (compiled) forward, so the graph sees a bool tensor of fixed shape."""
+        ratio = self.draw_mask_ratio() if ratio is None else ratio
+        return random_mask(B, self.cfg.num_patches, ratio, device=device) if ratio > 0 else None
 
     def aux_loss(self, name, pred, x, mask):
         """Masked-token loss of one aux decoder: HOG MSE, features negative cosine (official)."""
@@ -425,26 +371,26 @@ class MAETok(nn.Module):
         cos = F.cosine_similarity(pred.float(), target.float(), dim=-1).unsqueeze(-1)
         return -(cos * m).sum() / m.sum()
 
-    def forward(self, x, mask_ratio=None):
-        """x (B, 3, H, W) in [-1, 1] -> (reconstruction, losses dict with 'loss' = total, mask (B, N) or None).
-        Masks only in training mode."""
-        mask = self.sample_mask(x.shape[0], x.device, mask_ratio) if self.training else None
+    def forward(self, x, mask=None):
+        """x (B, 3, H, W) in [-1, 1], mask (B, N) or None -> {'rec': reconstruction, 'pixel', one term per aux
+        target (masked tokens only, so only with a mask), 'loss': their sum}."""
         z = self.encode(x, mask)                                              # (B, L, H)
         x_rec = self.decode(z)                                                # (B, 3, H, W)
-        losses = {"pixel": F.mse_loss(x_rec.float(), x.float())}              # all pixels (official)
+        out = {"pixel": F.mse_loss(x_rec.float(), x.float())}                 # all pixels (official)
         if mask is not None:
             for name, dec in self.aux.items():
-                losses[name] = self.aux_loss(name, dec(z), x, mask)
-        losses["loss"] = sum(losses.values())
-        return x_rec, losses, mask
+                out[name] = self.aux_loss(name, dec(z), x, mask)
+        out["loss"] = sum(out.values())
+        out["rec"] = x_rec
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------------
-# presets
+# presets, their training recipes, and the family interface
 
 PRESETS = {
     # paper: ViT-B encoder and pixel decoder (~176M), 256 px, patch 16, 128 tokens x 32 channels
-    "MAETok-B-128": dict(),
+    "MAETok-B-128": dict(family="maetok"),
     # CPU: 32 px, patch 4 (64 patches), 32 tokens x 8 channels. Two inits differ from the official ones so that
     # it learns in a CPU budget (measured on the built-in data, batch 32): LayerScale starts at 0.1, not 1e-5
     # (with 1e-5 the encoder output ignores the image for hundreds of steps: pixel MSE 0.200 vs 0.164 at step
@@ -453,23 +399,64 @@ PRESETS = {
     # Wide and shallow (160 x 2 layers, not 128 x 4): in 4 CPU minutes (1000 steps) its reconstructions are
     # classified at 43% against 35% (192 x 2: 44%, 256 x 2: 34%, 256 x 1: 40%, 96 x 4: 30%, same wall-clock;
     # measured on the earlier built-in class set)
-    "tiny": dict(image_size=32, patch_size=4, enc_width=160, enc_depth=2, enc_heads=4, dec_width=160,
-                 dec_depth=2, dec_heads=4, num_latent_tokens=32, latent_dim=8, aux_width=64, aux_depth=2,
-                 aux_heads=2, layerscale_init=0.1, mod_scale_init=1.0),
+    "tiny": dict(family="maetok", image_size=32, patch_size=4, enc_width=160, enc_depth=2, enc_heads=4,
+                 dec_width=160, dec_depth=2, dec_heads=4, num_latent_tokens=32, latent_dim=8, aux_width=64,
+                 aux_depth=2, aux_heads=2, layerscale_init=0.1, mod_scale_init=1.0),
 }
-
-
-def from_checkpoint(ckpt, ema=True):
-    """A trained tokenizer (aux decoders dropped) in eval mode from a train_tokenizer.py checkpoint dict;
-    EMA weights by default, or a released-style dict holding only `ema`."""
-    cfg = TokenizerConfig(**{**ckpt["config"], "aux_targets": ()})
-    sd = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
-    model = MAETok(cfg)
-    model.load_state_dict({k: v for k, v in sd.items() if not k.startswith("aux.")})
-    return model.eval().requires_grad_(False)
+# Flag defaults each preset brings for each stage (explicit flags win). The paper's main run is the argparse
+# defaults of train_tokenizer.py. Stage 2 (paper): 50K steps with the full loss from its first step; a short
+# warmup (1K steps) is our choice, the paper is silent.
+_FINETUNE = dict(max_steps=50_000, warmup_steps=1000, perceptual_warmup=0, mask_anneal_steps=50_000)
+_TINY = dict(global_batch_size=32, lr=2e-3, warmup_steps=100, max_steps=1300, ema_decay=0.99, log_every=50,
+             eval_every=1300, eval_images=500, grid_every=1300, ckpt_every=1300)  # the CPU quick start
+RECIPES = {
+    "MAETok-B-128": {"main": {}, "decoder_finetune": _FINETUNE},
+    "tiny": {"main": _TINY, "decoder_finetune": {**_TINY, **dict(max_steps=500, warmup_steps=20, perceptual_warmup=0,
+                                                                 mask_anneal_steps=500, eval_every=500,
+                                                                 grid_every=500, ckpt_every=500)}},
+}
+FAMILIES = {"maetok": (TokenizerConfig, MAETok)}
 
 
 def make_config(preset, **overrides):
     if preset not in PRESETS:
         raise ValueError(f"unknown tokenizer preset {preset!r}; choose one of {sorted(PRESETS)}")
-    return TokenizerConfig(**{**PRESETS[preset], **overrides})
+    p = PRESETS[preset]
+    return FAMILIES[p["family"]][0](**{**p, **overrides})
+
+
+def stage_config(cfg, stage):
+    """The config a stage trains: decoder fine-tuning drops the aux decoders."""
+    return cfg if STAGES[cfg.family][stage].keep_aux else replace(cfg, aux_targets=())
+
+
+def build(cfg):
+    if cfg.family not in FAMILIES:
+        raise ValueError(f"unknown tokenizer family {cfg.family!r}; nanotok has {sorted(FAMILIES)}")
+    return FAMILIES[cfg.family][1](cfg)
+
+
+def config_from_dict(d):
+    """A config of any family from a checkpoint's dict (checkpoints older than `family` are MAETok)."""
+    family = d.get("family", "maetok")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tokenizer family {family!r}; nanotok has {sorted(FAMILIES)}")
+    return FAMILIES[family][0](**{**d, "family": family})
+
+
+def comparable_config(d):
+    """A tokenizer config as it reads back from JSON (tuples become lists), aux decoders aside: what a latent
+    cache and a diffusion checkpoint record to check that latents come from the same tokenizer."""
+    return json.loads(json.dumps({**d, "family": d.get("family", "maetok"), "aux_targets": []}))
+
+
+def from_checkpoint(ckpt, ema=True):
+    """A trained tokenizer of any family (aux decoders dropped), frozen in eval mode, from a train_tokenizer.py
+    checkpoint dict or path: EMA weights by default, or a released-style dict holding only `ema`."""
+    if isinstance(ckpt, str):
+        ckpt = torch.load(ckpt, map_location="cpu", weights_only=True)
+    cfg = replace(config_from_dict(ckpt["config"]), aux_targets=())
+    sd = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
+    model = build(cfg)
+    model.load_state_dict({k: v for k, v in sd.items() if not k.startswith("aux.")})
+    return model.eval().requires_grad_(False)

@@ -16,20 +16,17 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from cache_latents import normalized_config
+import engine
 from diffusion import PRESETS, DiT, DiTConfig, Transport, guided_velocity, make_config, recipe
-from tokenizer import from_checkpoint
-from train_tokenizer import (Run, autocast_context, count, ema_update, find_checkpoint, load_checkpoint,
-                             set_rng_state, setup_distributed)
+from engine import find_checkpoint, load_checkpoint
+from tokenizer import comparable_config, from_checkpoint
 
 RESUME_FLAGS = ("max_steps", "log_every", "ckpt_every", "grid_every", "num_workers", "compile",
                 "keep_checkpoints", "resume", "tokenizer_ckpt")
@@ -73,15 +70,18 @@ def parse_args(argv=None):
     p.add_argument("--grid_cfg", type=float, default=1.0, help="CFG scale for the picture grids")
     p.add_argument("--keep_checkpoints", type=int, default=3, help="newest checkpoints kept (0 = all)")
     args = p.parse_args(argv)
-    if not args.resume:
-        for k, v in recipe(args.model).items():  # the preset brings its recipe; explicit flags win
-            if getattr(args, k) is None:
-                setattr(args, k, v)
+    explicit, ckpt = engine.explicit_flags(p, argv), None
+    if args.resume:  # defaults, then the checkpoint's args, then the explicit run-length flags
+        ckpt = load_checkpoint(args.resume)
+        args, ignored = engine.resume_args(p, args, explicit, ckpt["args"], RESUME_FLAGS)
+        if ignored:
+            print(f"resume: ignored {', '.join('--' + k for k in ignored)} (restored from the checkpoint)")
+    else:
+        engine.apply_recipe(args, recipe(args.model), explicit)  # the preset brings its recipe; explicit flags win
         args.cosine_loss = bool(args.cosine_loss)
     checks = [
-        (args.resume or args.cache_path or args.tokenizer_ckpt, "give --cache_path, or --tokenizer_ckpt to encode "
-                                                                 "on the fly"),
-        (args.resume or (args.global_batch_size > 0 and args.lr > 0), "--global_batch_size and --lr must be > 0"),
+        (args.cache_path or args.tokenizer_ckpt, "give --cache_path, or --tokenizer_ckpt to encode on the fly"),
+        (args.global_batch_size > 0 and args.lr > 0, "--global_batch_size and --lr must be > 0"),
         (args.max_steps > 0 and args.warmup_steps >= 0, "need --max_steps > 0 and --warmup_steps >= 0"),
         (0 <= args.ema_decay < 1, "--ema_decay must be in [0, 1)"),
         (0 <= args.class_dropout < 1, "--class_dropout must be in [0, 1)"),
@@ -90,7 +90,7 @@ def parse_args(argv=None):
     for ok, msg in checks:
         if not ok:
             p.error(msg)
-    return args
+    return args, ckpt
 
 
 class OnTheFly(torch.utils.data.Dataset):
@@ -109,13 +109,14 @@ class OnTheFly(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def latent_stats(tok, ds, n, device, ctx, batch_size=64):
-    """Per-channel mean / std of the latents of the first n images (center crops)."""
-    moments = 0
-    for b in range(0, min(n, len(ds)), batch_size):
-        x = torch.stack([ds[i][0] for i in range(b, min(b + batch_size, n, len(ds)))]).to(device)
+    """Per-channel mean / std of the latents of n class-balanced images (center crops), as LightningDiT's
+    10K random training latents; never the first n of a class-sorted folder."""
+    idx, moments = data.balanced_subset(ds.source.labels, n), 0
+    for b in range(0, len(idx), batch_size):
+        x = torch.stack([ds[i][0] for i in idx[b:b + batch_size]]).to(device)
         with ctx:
             moments = moments + data.channel_moments(tok.encode(x).float())
-    return data.moments_to_stats(moments)
+    return data.moments_to_stats(moments.cpu())
 
 
 @torch.no_grad()
@@ -132,26 +133,16 @@ def sample_grid(ema, tok, stats, num_classes, steps, cfg_scale, path, device, ct
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    ddp, rank, world, local, device = setup_distributed()
-    precision, ctx = autocast_context(args.precision, device)
-
-    # ---- resume: the checkpoint fixes the config and every flag but a few run-length ones
-    ckpt = load_checkpoint(args.resume) if args.resume else None
-    if ckpt is not None:
-        given = vars(args)
-        args = argparse.Namespace(**{**ckpt["args"], **{k: given[k] for k in RESUME_FLAGS if given[k] is not None}})
-    micro = args.micro_batch_size or args.global_batch_size // world
-    if args.global_batch_size % (micro * world):
-        sys.exit(f"error: --global_batch_size {args.global_batch_size} is not divisible by "
-                 f"world size {world} x --micro_batch_size {micro}")
-    accum = args.global_batch_size // (micro * world)
+    args, ckpt = parse_args(argv)  # a resumed run's config and flags come from its checkpoint
+    ddp, rank, world, local, device = engine.setup_distributed()
+    precision, ctx = engine.autocast_context(args.precision, device)
+    micro, accum = engine.micro_batching(args.global_batch_size, args.micro_batch_size, world)
 
     # ---- data: a latent cache, or images encoded on the fly. Errors come before any work
     tok, tok_cfg = None, None
     if args.tokenizer_ckpt:
         tok_ckpt = load_checkpoint(args.tokenizer_ckpt)
-        tok, tok_cfg = from_checkpoint(tok_ckpt).to(device), normalized_config(tok_ckpt["config"])
+        tok, tok_cfg = from_checkpoint(tok_ckpt).to(device), comparable_config(tok_ckpt["config"])
     try:
         if args.cache_path:
             train_ds = data.LatentCache(args.cache_path, seed=args.seed)
@@ -162,10 +153,10 @@ def main(argv=None):
             if tok is None and os.path.exists(train_ds.meta["tokenizer_ckpt"]):  # for the picture grids
                 tok = from_checkpoint(load_checkpoint(train_ds.meta["tokenizer_ckpt"])).to(device)
         else:
-            size = tok.cfg.image_size
+            size = tok.image_size
             src = data.build_source(args.data_path, size, "train", args.builtin_size)
             train_ds = OnTheFly(data.ImageDataset(src, size, train=True, seed=args.seed))
-            num_classes, (L, C) = src.num_classes, (tok.cfg.num_latent_tokens, tok.cfg.latent_dim)
+            num_classes, (L, C) = src.num_classes, tok.latent_shape
             stats = None if ckpt else latent_stats(tok, data.ImageDataset(src, size, train=False), args.stats_images,
                                                    device, ctx)
     except (FileNotFoundError, ValueError) as e:
@@ -176,9 +167,10 @@ def main(argv=None):
             sys.exit("error: this run was trained on latents of another tokenizer (config differs); "
                      "resume with the same --cache_path / --tokenizer_ckpt")
     num_classes = 0 if args.unconditional else num_classes
+    grid = train_ds.meta.get("grid") if args.cache_path else tok.grid                 # 2D latents: (H, W)
     cfg = DiTConfig(**ckpt["config"]) if ckpt else make_config(
-        args.model, in_channels=C, num_tokens=L, num_classes=num_classes, class_dropout=args.class_dropout,
-        **({"qk_norm": True} if args.qk_norm else {}))
+        args.model, in_channels=C, num_tokens=L, grid=tuple(grid) if grid else None, num_classes=num_classes,
+        class_dropout=args.class_dropout, **({"qk_norm": True} if args.qk_norm else {}))
     if (cfg.num_tokens, cfg.in_channels) != (L, C):
         sys.exit(f"error: the data holds ({L}, {C}) latents but the model expects ({cfg.num_tokens}, "
                  f"{cfg.in_channels})")
@@ -206,12 +198,12 @@ def main(argv=None):
     fwd = DDP(fwd, device_ids=[local] if device.type == "cuda" else None) if ddp else fwd
 
     # ---- run folder, logging
-    run = Run(args.results_dir, args.model, args.resume if ckpt is not None else None, ddp, rank, world)
-    run_dir, log, log_metrics = run.dir, run.log, run.metrics
+    run = engine.Run(args.results_dir, args.model, args.resume if ckpt is not None else None, ddp, rank, world)
+    run_dir, log = run.dir, run.log
 
     log(f"{'resuming ' + run_dir + f' at step {step}' if ckpt else 'run ' + run_dir} | device {device} x{world} | "
         f"precision {precision} | global batch {args.global_batch_size} = {world} ranks x {micro} x {accum} accum")
-    log(f"parameters: {args.model} {count(model) / 1e6:.2f}M on ({L}, {C}) latents, {num_classes} classes")
+    log(f"parameters: {args.model} {engine.count(model) / 1e6:.2f}M on ({L}, {C}) latents, {num_classes} classes")
     log(f"config: {json.dumps(asdict(cfg))}")
     log(f"args: {json.dumps(vars(args))}")
     log(f"data: {len(train_ds)} {'cached latents' if args.cache_path else 'images, encoded on the fly'}, "
@@ -221,19 +213,7 @@ def main(argv=None):
 
     torch.manual_seed(args.seed * world + rank)  # per-rank streams for t, noise and label dropout
     if ckpt is not None:
-        set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])], device)
-
-    def batches(step):
-        epoch, s = divmod(step, steps_per_epoch)
-        while True:
-            bs = data.epoch_batches(len(train_ds), epoch, args.seed, rank, world, micro, start=s * accum)
-            bs = bs[:(steps_per_epoch - s) * accum]
-            if args.cache_path:  # in memory: no worker processes
-                yield from (torch.utils.data.default_collate([train_ds[i] for i in b]) for b in bs)
-            else:
-                yield from torch.utils.data.DataLoader(train_ds, batch_sampler=bs, num_workers=args.num_workers,
-                                                       pin_memory=device.type == "cuda", generator=torch.Generator())
-            epoch, s = epoch + 1, 0
+        run.restore_rng(ckpt, device)
 
     def checkpoint(step):
         run.checkpoint(lambda: {
@@ -243,7 +223,18 @@ def main(argv=None):
             "tokenizer_ckpt": (os.path.abspath(find_checkpoint(args.tokenizer_ckpt)) if args.tokenizer_ckpt
                                else train_ds.meta["tokenizer_ckpt"])}, step, args.keep_checkpoints, device)
 
-    stream = batches(step)
+    stream = engine.step_batches(train_ds, step, steps_per_epoch, accum, micro, args.seed, rank, world,
+                                 args.num_workers, pin=device.type == "cuda", in_memory=bool(args.cache_path))
+
+    def micro_batches():
+        for _ in range(accum):
+            x, y = next(stream)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if not args.cache_path:
+                with torch.no_grad(), ctx:
+                    x = tok.encode(x).float()
+            yield (x - mean) / std, y                                        # per-channel normalization
+
     model.train()
     sums, n_sum, t0 = {}, 0, time.time()
     bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
@@ -251,37 +242,23 @@ def main(argv=None):
         lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
         for g in opt.param_groups:
             g["lr"] = lr
-        for micro_step in range(accum):
-            x, y = next(stream)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if not args.cache_path:
-                with torch.no_grad(), ctx:
-                    x = tok.encode(x).float()
-            x = (x - mean) / std                                             # per-channel normalization
-            sync = not ddp or micro_step == accum - 1
-            with (nullcontext() if sync else fwd.no_sync()), ctx:
-                losses = transport.loss(fwd, x, y)
-                (losses["loss"] / accum).backward()
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float()
-        n_sum += accum
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0
-                                               else float("inf"))
+        log_now = args.log_every > 0 and ((step + 1) % args.log_every == 0 or step + 1 == args.max_steps)
+        terms = engine.accumulate(fwd, micro_batches(), accum, lambda f, b: transport.loss(f, *b), ctx, ddp)
+        gnorm = engine.clip_gradients(model.parameters(), args.grad_clip, measure=log_now)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        ema_update(ema, model, args.ema_decay)
+        engine.ema_update(ema, model, args.ema_decay)
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v
+        n_sum += 1
         step += 1
         bar.update(1)
 
-        if args.log_every > 0 and (step % args.log_every == 0 or step == args.max_steps):
-            keys = sorted(sums)
-            vals = torch.stack([sums[k] / n_sum for k in keys]).to(device)
-            if ddp:
-                dist.all_reduce(vals)
-                vals /= world
-            rec = {"step": step, **{k: vals[i].item() for i, k in enumerate(keys)}, "lr": lr,
-                   "grad_norm": gnorm.item(), "img_per_s": n_sum / accum * args.global_batch_size / (time.time() - t0)}
-            log_metrics(rec)
+        if log_now:
+            means, _ = engine.reduce_means(sums, n_sum, ddp, world)
+            rec = {"step": step, **means, "lr": lr, "grad_norm": gnorm.item(),
+                   "img_per_s": n_sum * args.global_batch_size / (time.time() - t0)}
+            run.metrics(rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
             sums, n_sum, t0 = {}, 0, time.time()
         if rank == 0 and tok is not None and args.grid_every > 0 and (step % args.grid_every == 0
@@ -293,7 +270,7 @@ def main(argv=None):
     bar.close()
     log(f"done: {step} steps, checkpoints in {os.path.join(run_dir, 'checkpoints')}")
     if ddp:
-        dist.destroy_process_group()
+        torch.distributed.destroy_process_group()
     return run_dir
 
 

@@ -148,9 +148,10 @@ def test_grid_latents_use_2d_positions():
 
 
 def test_rope_scores_depend_only_on_relative_position():
-    from diffusion import apply_rope
+    from vit import RoPEHalf
     r = rope_table(16, 20)
     q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
-    s = lambda i, j: (apply_rope(q, r[i:i + 1]) * apply_rope(k, r[j:j + 1])).sum()
+    rot = lambda x, i: RoPEHalf()(x, x, r[i:i + 1])[0]
+    s = lambda i, j: (rot(q, i) * rot(k, j)).sum()
     torch.testing.assert_close(s(3, 7), s(10, 14))
     assert not torch.isclose(s(3, 7), s(3, 8))

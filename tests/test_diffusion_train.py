@@ -15,7 +15,7 @@ from conftest import ROOT
 from data import BuiltinSource, ImageDataset, LatentCache
 from diffusion import DiT, DiTConfig, guided_velocity
 from tokenizer import MAETok, make_config
-from train_tokenizer import find_checkpoint, save_checkpoint
+from engine import find_checkpoint, save_checkpoint
 
 BASE = ["--model", "tiny", "--global_batch_size", "8", "--lr", "1e-3", "--log_every", "1", "--grid_every", "-1",
         "--ema_decay", "0.9", "--num_workers", "0"]
@@ -102,10 +102,10 @@ def test_lightning_recipe_and_on_the_fly_encoding(tok_ckpt, tmp_path):
     rec = _metrics(run)[-1]
     assert rec["cos"] > 0 and abs(rec["loss"] - rec["mse"] - rec["cos"]) < 1e-5
     assert os.path.exists(os.path.join(run, "grids", "0000002.png"))
-    args = train_diffusion.parse_args(["--model", "LightningDiT-XL", "--cache_path", "x"])
+    args, _ = train_diffusion.parse_args(["--model", "LightningDiT-XL", "--cache_path", "x"])
     assert (args.lr, args.beta2, args.global_batch_size, args.time_dist, args.cosine_loss) == \
         (2e-4, 0.95, 1024, "logit_normal", True)
-    args = train_diffusion.parse_args(["--model", "SiT-XL", "--cache_path", "x"])
+    args, _ = train_diffusion.parse_args(["--model", "SiT-XL", "--cache_path", "x"])
     assert (args.lr, args.weight_decay, args.global_batch_size, args.time_dist, args.cosine_loss) == \
         (1e-4, 0.0, 256, "uniform", False)
 

@@ -145,7 +145,7 @@ def test_proxy_network_and_gen_cli(proxy_ckpt, tmp_path):
 def test_recon_and_latent_cli(proxy_ckpt, tmp_path):
     from dataclasses import asdict
     from tokenizer import MAETok, make_config
-    from train_tokenizer import save_checkpoint
+    from engine import save_checkpoint
     torch.manual_seed(0)
     tok = MAETok(make_config("tiny", aux_targets=(), enc_depth=1, dec_depth=1))
     path = str(tmp_path / "tok.pt")
@@ -178,7 +178,7 @@ def test_recon_under_torchrun_equals_one_process(proxy_ckpt, tmp_path):
     from dataclasses import asdict
     from conftest import ROOT
     from tokenizer import MAETok, make_config
-    from train_tokenizer import save_checkpoint
+    from engine import save_checkpoint
     torch.manual_seed(0)
     tok = MAETok(make_config("tiny", aux_targets=(), enc_depth=1, dec_depth=1))
     path = str(tmp_path / "tok.pt")

@@ -201,7 +201,7 @@ def test_dinov2_plugs_into_maetok_as_aux_target():
     torch.manual_seed(0)
     model = MAETok(make_config("tiny", aux_targets=("hog", "dinov2"), feature_dims={"dinov2": 96})).train()
     model.set_feature_target("dinov2", dinov2_target(32, 4, state_dict=_rule_state_dict(fx), cfg=ViTConfig(96, 3, 3)))
-    _, losses, mask = model(torch.rand(2, 3, 32, 32) * 2 - 1)
+    losses = model(torch.rand(2, 3, 32, 32) * 2 - 1, model.sample_mask(2, "cpu"))
     assert -1 <= losses["dinov2"].item() <= 1 and torch.isfinite(losses["loss"])
     losses["loss"].backward()
     assert model.aux["dinov2"].head.weight.grad.abs().sum() > 0

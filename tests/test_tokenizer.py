@@ -7,8 +7,8 @@ import torch
 from scipy import stats
 
 from conftest import golden
-from tokenizer import (HOG, PRESETS, MAETok, RoPE2D, apply_rope, grid_positions, make_config, patchify,
-                       random_mask, sample_mask_ratio, unpatchify)
+from tokenizer import HOG, PRESETS, MAETok, make_config, patchify, random_mask, sample_mask_ratio, unpatchify
+from vit import RoPE2D, apply_rope, grid_positions
 
 
 @pytest.mark.parametrize("mixed", [True, False])
@@ -18,13 +18,13 @@ def test_rope_scores_depend_only_on_relative_position(mixed):
     q, k = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)
     pos = grid_positions(4, 4)
     def score(pq, pk):
-        aq, ak = rope(pq[None]), rope(pk[None])
+        aq, ak = rope.angles(pq[None]), rope.angles(pk[None])
         return (apply_rope(q, aq) * apply_rope(k, ak)).sum(-1)
     for shift in (torch.tensor([3.0, 0.0]), torch.tensor([-2.0, 5.0])):
         for i, j in [(0, 5), (7, 2), (15, 15)]:
             torch.testing.assert_close(score(pos[i], pos[j]), score(pos[i] + shift, pos[j] + shift))
     assert not torch.allclose(score(pos[0], pos[1]), score(pos[0], pos[5]))  # but it does see the offset
-    torch.testing.assert_close(apply_rope(q, rope(torch.zeros(1, 2))), q)  # position 0 is the identity
+    torch.testing.assert_close(apply_rope(q, rope.angles(torch.zeros(1, 2))), q)  # position 0 is the identity
 
 
 def test_rope_axial_splits_axes_and_mixed_is_learnable():
@@ -65,13 +65,14 @@ def test_mask_ratio_distribution_is_official_truncnorm():
     assert (np.diff(hist) > 0).all()  # density rises towards the peak at mask_ratio
 
 
-def test_mask_only_in_training_mode():
+def test_aux_losses_only_with_a_mask():
     torch.manual_seed(0)
     model = MAETok(make_config("tiny"))
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    assert model.train()(x)[2] is not None
-    _, losses, mask = model.eval()(x)
-    assert mask is None and set(losses) == {"pixel", "loss"}
+    mask = model.sample_mask(2, "cpu")
+    assert mask.shape == (2, 64) and 0.4 * 64 <= mask[0].sum() <= 0.6 * 64 + 1
+    assert set(model(x, mask)) == {"rec", "pixel", "hog", "loss"}
+    assert set(model(x)) == {"rec", "pixel", "loss"} and model.sample_mask(2, "cpu", 0.0) is None
 
 
 def test_hog_matches_official_fixture():
@@ -112,10 +113,11 @@ def test_forward_shapes_every_preset():
         cfg = make_config(name, enc_depth=1, dec_depth=1)  # full width and resolution, shallow for speed
         model = MAETok(cfg).train()
         x = torch.rand(1, 3, cfg.image_size, cfg.image_size) * 2 - 1
-        x_rec, losses, mask = model(x)
-        assert x_rec.shape == x.shape and mask.shape == (1, cfg.num_patches)
+        mask = model.sample_mask(1, "cpu")
+        losses = model(x, mask)
+        assert losses["rec"].shape == x.shape and mask.shape == (1, cfg.num_patches)
         assert model.encode(x).shape == (1, cfg.num_latent_tokens, cfg.latent_dim)
-        assert set(losses) == {"pixel", "hog", "loss"} and torch.isfinite(losses["loss"])
+        assert set(losses) == {"rec", "pixel", "hog", "loss"} and torch.isfinite(losses["loss"])
         assert model.aux["hog"].head.out_features == model.hog.dim(cfg.patch_size)
 
 
@@ -162,7 +164,7 @@ def test_pluggable_feature_target_uses_masked_negative_cosine():
     mask = random_mask(2, 64, 0.5)
     torch.testing.assert_close(model.aux_loss("toy", 3 * target, x, mask), torch.tensor(-1.0))
     torch.testing.assert_close(model.aux_loss("toy", -target, x, mask), torch.tensor(1.0))
-    assert {"pixel", "hog", "toy", "loss"} == set(model.train()(x)[1])
+    assert {"rec", "pixel", "hog", "toy", "loss"} == set(model.train()(x, model.sample_mask(len(x), "cpu")))
 
 
 def test_tiny_overfits_one_batch():
@@ -174,10 +176,10 @@ def test_tiny_overfits_one_batch():
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95))
     first = None
     for step in range(400):
-        _, losses, _ = model(x, mask_ratio=0.0)  # unmasked: the pure autoencoding path must memorise
+        losses = model(x)  # unmasked: the pure autoencoding path must memorise
         opt.zero_grad()
         losses["loss"].backward()
         opt.step()
         first = first or losses["pixel"].item()
-    final = torch.nn.functional.mse_loss(model.eval()(x)[0], x).item()
+    final = torch.nn.functional.mse_loss(model.eval()(x)["rec"], x).item()
     assert final < first / 10, (first, final)

@@ -31,7 +31,7 @@ def test_checkpoint_round_trip(tmp_path):
     model = MAETok(TokenizerConfig(**ck["config"])).eval()
     model.load_state_dict(ck["ema"])
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    assert model(x)[0].shape == x.shape
+    assert model(x)["rec"].shape == x.shape
     assert os.path.exists(os.path.join(run, "grids", "0000002.png"))
     log = open(os.path.join(run, "log.txt")).read()
     assert "parameters: encoder" in log and "held-out PSNR" in log
@@ -41,8 +41,9 @@ def test_checkpoint_round_trip(tmp_path):
 
 def test_resume_equals_uninterrupted_run(tmp_path):
     # 40 images / batch 8 = 5 steps per epoch: the resumed stretch crosses an epoch boundary
+    # the stopped run planned its schedule to step 7 (--decay_steps), as a run killed at step 3 would have
     full = train_tokenizer.main(BASE + ["--max_steps", "7", "--results_dir", str(tmp_path / "a")])
-    half = train_tokenizer.main(BASE + ["--max_steps", "3", "--results_dir", str(tmp_path / "b")])
+    half = train_tokenizer.main(BASE + ["--max_steps", "3", "--decay_steps", "7", "--results_dir", str(tmp_path / "b")])
     train_tokenizer.main(BASE + ["--max_steps", "7", "--resume", half])
     a, b = metrics(full), metrics(half)
     assert [r["step"] for r in b] == list(range(1, 8))
@@ -52,6 +53,25 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     ca = torch.load(os.path.join(full, "checkpoints", "0000007.pt"), weights_only=True)
     cb = torch.load(os.path.join(half, "checkpoints", "0000007.pt"), weights_only=True)
     assert all(torch.equal(ca["ema"][k], cb["ema"][k]) for k in ca["ema"])
+
+
+def test_extending_max_steps_keeps_the_planned_schedule_and_old_checkpoints_resume(tmp_path):
+    short = train_tokenizer.main(BASE + ["--max_steps", "5", "--results_dir", str(tmp_path)])
+    path = os.path.join(short, "checkpoints", "0000005.pt")
+    ck = torch.load(path, weights_only=True)
+    for k in ("decay_steps", "val_data_path", "eval_images"):  # a checkpoint written before these flags existed
+        del ck["args"][k]
+    torch.save(ck, path)
+    train_tokenizer.main(BASE + ["--max_steps", "7", "--resume", short, "--lr", "5"])  # --lr: ignored, and said
+    m = metrics(short)
+    floor = 1e-3 * 0.1
+    assert [r["step"] for r in m] == list(range(1, 8)) and m[4]["lr"] > floor
+    assert [r["lr"] for r in m[5:]] == [floor, floor]  # the cosine planned to step 5 is not stretched
+    log = open(os.path.join(short, "log.txt")).read()
+    assert "steps 5-7 stay at that floor (pass --decay_steps to re-plan)" in log
+    assert "resume: ignored --lr" in log
+    ck = torch.load(os.path.join(short, "checkpoints", "0000007.pt"), weights_only=True)
+    assert ck["args"]["decay_steps"] == 5 and ck["args"]["eval_images"] == 500 and ck["args"]["lr"] == 1e-3
 
 
 def test_decoder_finetune_freezes_encoder_and_drops_aux(tmp_path):

@@ -1,0 +1,256 @@
+"""
+The run machinery every nanotok script shares: device and DDP setup (NCCL on GPU, gloo on CPU), autocast, the
+numbered run folder with log.txt / metrics.jsonl, atomic checkpoints (find / load / rotate), EMA, RNG state,
+the resume merge of flags, the step-indexed data stream and the gradient-accumulation step.
+
+Model files hold modules and math; scripts hold their loop; this file holds what the loops have in common.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+
+# ----------------------------------------------------------------------------------------------------------
+# devices and precision
+
+
+def setup_distributed():
+    """torchrun sets RANK: DDP with NCCL on GPU, gloo on CPU; otherwise one process. TF32 on."""
+    ddp = "RANK" in os.environ
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+    else:
+        rank, world, local = 0, 1, 0
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return ddp, rank, world, local, device
+
+
+def autocast_context(flag, device):
+    """--precision auto: bf16 autocast on GPU, fp32 on CPU."""
+    precision = ("bf16" if device.type == "cuda" else "fp32") if flag == "auto" else flag
+    return precision, (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext())
+
+
+def micro_batching(global_batch, micro, world):
+    """(micro batch per rank, accumulation steps) or a clear exit."""
+    if global_batch < world:
+        sys.exit(f"error: --global_batch_size {global_batch} is smaller than the world size {world}: every rank "
+                 f"needs at least one image per step; raise it to a multiple of {world}")
+    micro = micro or global_batch // world
+    if global_batch % (micro * world):
+        sys.exit(f"error: --global_batch_size {global_batch} is not divisible by world size {world} x "
+                 f"--micro_batch_size {micro}")
+    return micro, global_batch // (micro * world)
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# flags: presets' recipes and the resume merge
+
+def explicit_flags(parser, argv=None):
+    """The dests of the flags given on the command line (not their defaults)."""
+    saved = {a.dest: a.default for a in parser._actions}
+    try:
+        for a in parser._actions:
+            a.default = argparse.SUPPRESS
+        given, _ = parser.parse_known_args(argv)
+    finally:
+        for a in parser._actions:
+            a.default = saved[a.dest]
+    return set(vars(given))
+
+
+def apply_recipe(args, recipe, explicit):
+    """A preset's recipe replaces the defaults it names; explicit flags win."""
+    for k, v in recipe.items():
+        if k not in explicit:
+            setattr(args, k, v)
+    return args
+
+
+def resume_args(parser, args, explicit, saved, resume_flags):
+    """Flags of a resumed run: every default (flags added since the checkpoint was written), then the checkpoint's
+    args, then the run-length flags given explicitly now. Other explicit flags are ignored; returns them too."""
+    defaults = {a.dest: a.default for a in parser._actions if a.dest != "help"}
+    given = vars(args)
+    over = {k: given[k] for k in explicit if k in resume_flags}
+    ignored = sorted(k for k in explicit if k not in resume_flags and saved.get(k, given[k]) != given[k])
+    return argparse.Namespace(**{**defaults, **saved, **over}), ignored
+
+
+def cosine_lr(step, peak, warmup, horizon, min_ratio):
+    """Linear warmup, then cosine from peak to peak * min_ratio at step `horizon` (timm cosine, per step)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = (step - warmup) / max(1, horizon - warmup)
+    floor = peak * min_ratio
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoints
+
+def find_checkpoint(path):
+    """A checkpoint file, or the newest checkpoints/*.pt of a run folder."""
+    if os.path.isfile(path):
+        return path
+    ckpts = sorted(glob.glob(os.path.join(path, "checkpoints", "*.pt")))
+    if not ckpts:
+        sys.exit(f"error: {path!r} is neither a checkpoint file nor a run folder with checkpoints/*.pt")
+    return ckpts[-1]
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(find_checkpoint(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        sys.exit(f"error: cannot read checkpoint {path!r} ({type(e).__name__}: {e}); is it a nanotok checkpoint?")
+
+
+def save_checkpoint(state, path):
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+def rng_state(device):
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda"
+            else torch.zeros(0, dtype=torch.uint8)}
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"].numel():
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Run:
+    """A numbered results folder (or, resuming, the checkpoint's own) with rank-0 logging to log.txt and
+    metrics.jsonl, and checkpoints holding every rank's RNG state, written atomically, the newest `keep` kept."""
+
+    def __init__(self, results_dir, name, resume, ddp, rank, world):
+        self.ddp, self.rank, self.world = ddp, rank, world
+        if resume:
+            self.dir = os.path.dirname(os.path.dirname(os.path.abspath(find_checkpoint(resume))))
+        else:
+            box = [None]
+            if rank == 0:
+                os.makedirs(results_dir, exist_ok=True)
+                idx = len(glob.glob(os.path.join(results_dir, "*")))
+                box = [os.path.join(results_dir, f"{idx:03d}-{name}")]
+            if ddp:
+                dist.broadcast_object_list(box)
+            self.dir = box[0]
+        if rank == 0:
+            for sub in ("checkpoints", "grids"):
+                os.makedirs(os.path.join(self.dir, sub), exist_ok=True)
+        self.log_file = open(os.path.join(self.dir, "log.txt"), "a") if rank == 0 else None
+
+    def log(self, msg):
+        if self.rank == 0:
+            tqdm.write(msg)
+            self.log_file.write(msg + "\n")
+            self.log_file.flush()
+
+    def metrics(self, rec):
+        if self.rank == 0:
+            with open(os.path.join(self.dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def checkpoint(self, make_state, step, keep, device):
+        """Gather the RNG states of all ranks, then rank 0 writes make_state() + rng; all ranks wait."""
+        rngs = [None] * self.world
+        if self.ddp:
+            dist.all_gather_object(rngs, rng_state(device))
+        else:
+            rngs = [rng_state(device)]
+        if self.rank == 0:
+            save_checkpoint({**make_state(), "rng": rngs}, os.path.join(self.dir, "checkpoints", f"{step:07d}.pt"))
+            old = sorted(glob.glob(os.path.join(self.dir, "checkpoints", "*.pt")))
+            for f in old[:-keep] if keep > 0 else []:
+                os.remove(f)
+        if self.ddp:
+            dist.barrier()
+
+    def restore_rng(self, ckpt, device):
+        """Per-rank RNG streams of a resumed run, exactly as they were."""
+        if len(ckpt["rng"]) != self.world:
+            self.log(f"warning: checkpoint saved with {len(ckpt['rng'])} ranks, resuming on {self.world}: "
+                     f"not bitwise")
+        set_rng_state(ckpt["rng"][self.rank % len(ckpt["rng"])], device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the training step
+
+def step_batches(ds, step, steps_per_epoch, accum, micro, seed, rank, world, num_workers, pin, in_memory=False):
+    """Micro-batches from optimizer step `step` on: the data position is a function of the step, so a resumed run
+    sees exactly the batches of an uninterrupted one. in_memory: collate in this process (latent caches)."""
+    epoch, s = divmod(step, steps_per_epoch)
+    while True:
+        bs = data.epoch_batches(len(ds), epoch, seed, rank, world, micro, start=s * accum)
+        bs = bs[:(steps_per_epoch - s) * accum]
+        if in_memory:
+            yield from (torch.utils.data.default_collate([ds[i] for i in b]) for b in bs)
+        else:  # own generator: the loader never draws from the global RNG
+            yield from torch.utils.data.DataLoader(ds, batch_sampler=bs, num_workers=num_workers, pin_memory=pin,
+                                                   generator=torch.Generator())
+        epoch, s = epoch + 1, 0
+
+
+def accumulate(fwd, batches, n, loss_fn, ctx, ddp):
+    """Forward / backward over the n micro-batches of one optimizer step (an iterable, read lazily):
+    loss_fn(fwd, batch) -> dict of terms with 'loss'. DDP all-reduces gradients on the last micro-batch only.
+    Returns the scalar terms averaged over the micro-batches, as detached tensors (no host sync)."""
+    sums = {}
+    for i, batch in enumerate(batches):
+        with (fwd.no_sync() if ddp and i < n - 1 else nullcontext()), ctx:
+            losses = loss_fn(fwd, batch)
+            (losses["loss"] / n).backward()
+        for k, v in losses.items():
+            if v.dim() == 0:
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / n
+    return sums
+
+
+def clip_gradients(params, clip, measure):
+    """Clip to `clip` (> 0) and return the pre-clip norm; with clipping off, measure the norm only when asked
+    (a log step), without any rescale."""
+    params = [p for p in params if p.grad is not None]
+    if clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in params]) if measure else None
+
+
+def reduce_means(sums, n, ddp, world, extra=()):
+    """Means of summed scalar terms over n steps and all ranks -> floats; `extra` are summed across ranks."""
+    keys = sorted(sums)
+    vals = torch.stack([sums[k] / n for k in keys] + [torch.tensor(float(e)).to(sums[keys[0]]) for e in extra])
+    if ddp:
+        dist.all_reduce(vals)
+        vals[:len(keys)] /= world
+    vals = vals.tolist()
+    return dict(zip(keys, vals[:len(keys)])), vals[len(keys):]
