@@ -120,3 +120,29 @@ def test_flat_folder_npz_and_errors(tmp_path):
         data.ImageFolderSource(str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="not a folder"):
         data.build_source(str(tmp_path / "missing"), 8)
+
+
+def _class_sorted_folder(root, sizes=(20, 20, 10)):
+    """An ImageFolder whose classes are solid red / green / blue (with noise): linearly separable."""
+    rng = np.random.default_rng(0)
+    for c, n in enumerate(sizes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(n):
+            arr = np.full((32, 32, 3), 30, np.float64)
+            arr[..., c] = 220
+            arr = np.clip(arr + rng.normal(0, 8, arr.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / f"class{c}" / f"{i:03d}.png")
+    return root
+
+
+def test_subsets_of_a_class_sorted_folder_cover_every_class(tmp_path):
+    src = data.ImageFolderSource(str(_class_sorted_folder(tmp_path)))
+    assert src.labels == sorted(src.labels)  # ImageFolder order: the first n images are one or two classes
+    sub = data.balanced_subset(src.labels, 10, seed=0)  # e.g. the held-out PSNR images, the picture grid
+    assert [src.labels[i] for i in sub].count(2) == 2 and {src.labels[i] for i in sub} == {0, 1, 2}
+    assert data.balanced_subset(src.labels, 10, seed=0) == sub and data.balanced_subset(src.labels, 99) == list(range(50))
+    tr, te = data.stratified_split(src.labels, 0.2, seed=0)
+    assert sorted(tr + te) == list(range(50)) and [src.labels[i] for i in te].count(0) == 4
+    assert {src.labels[i] for i in te} == {0, 1, 2} == {src.labels[i] for i in tr}
+    held = data.SubsetSource(src, te)
+    assert len(held) == 10 and held.labels == [src.labels[i] for i in te] and held.files[0] == src.files[te[0]]

@@ -171,6 +171,35 @@ def test_recon_and_latent_cli(proxy_ckpt, tmp_path):
     assert Image.open(tmp_path / "lat-gmm.png").size == (420, 300)
 
 
+def test_latent_probe_on_a_class_sorted_folder_is_held_out(tmp_path):
+    """3 separable classes of 20 / 20 / 10 images: an 80 / 20 cut by index would test on class 2 only, which
+    training never saw (0%); the stratified split tests on every class."""
+    from dataclasses import asdict
+    from engine import save_checkpoint
+    from test_data import _class_sorted_folder
+    from tokenizer import MAETok, make_config
+    folder = _class_sorted_folder(tmp_path / "imgs")
+    torch.manual_seed(0)
+    tok = MAETok(make_config("tiny", aux_targets=(), enc_depth=1, dec_depth=1))
+    path = str(tmp_path / "tok.pt")
+    save_checkpoint({"model": tok.state_dict(), "ema": tok.state_dict(), "step": 0, "config": asdict(tok.cfg)}, path)
+    res = ev.main(["latent", "--ckpt", path, "--data_path", str(folder), "--num_images", "50", "--gmm_k", "1,2",
+                   "--out", str(tmp_path / "lat.json")])
+    assert (res["num_train"], res["num_test"]) == (40, 10) and res["linear_probe_accuracy"] >= 0.95
+
+
+def test_unwritable_reference_cache_warns_and_keeps_the_statistics(tmp_path):
+    from proxy import ProxyConfig, ProxyNet
+    from test_data import _class_sorted_folder
+    folder = str(_class_sorted_folder(tmp_path / "ref", sizes=(6, 6)))
+    torch.manual_seed(0)
+    feats = ev.Features("proxy", "cpu", net=ProxyNet(ProxyConfig(width=4, feature_dim=8)))
+    os.makedirs(f"{folder}.{feats.id}.stats.npz.tmp.npz")  # the cache cannot be written (as a read-only folder)
+    with pytest.warns(UserWarning, match="cannot write the reference statistics cache"):
+        ref = ev.reference_stats(folder, feats, 4, 0, 1)
+    assert ref["mu"].shape == (8,) and len(ref["pr_feats"]) == 12
+
+
 @pytest.mark.slow
 def test_recon_under_torchrun_equals_one_process(proxy_ckpt, tmp_path):
     import subprocess
@@ -193,4 +222,21 @@ def test_recon_under_torchrun_equals_one_process(proxy_ckpt, tmp_path):
     two = json.load(open(tmp_path / "two.json"))
     assert two["num_images"] == 24
     for k in ("psnr", "ssim", "proxy_rfid", "class_accuracy"):
+        assert abs(two[k] - one[k]) < 1e-6 * max(1, abs(one[k])), (k, one[k], two[k])
+    # gen: the features of both ranks reach rank 0 only, and the table equals one process's
+    from data import BuiltinSource
+    for name, split in (("s.npz", "train"), ("ref.npz", "val")):
+        src = BuiltinSource(32, 30, split)
+        np.savez(tmp_path / name, arr_0=np.stack([np.asarray(src.load(i)) for i in range(30)]),
+                 labels=np.array(src.labels))
+    args = ["gen", "--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "ref.npz"), "--feature_net", "proxy",
+            "--proxy_ckpt", proxy_ckpt, "--batch_size", "8"]
+    one = ev.main(args + ["--out", str(tmp_path / "g1.json")])
+    os.remove(next(str(p) for p in tmp_path.iterdir() if p.name.endswith(".stats.npz")))  # recompute under torchrun
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29523",
+                        "evaluate.py", *args, "--out", str(tmp_path / "g2.json")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = json.load(open(tmp_path / "g2.json"))
+    for k in ("proxy_fid", "proxy_precision", "proxy_recall", "class_accuracy"):
         assert abs(two[k] - one[k]) < 1e-6 * max(1, abs(one[k])), (k, one[k], two[k])

@@ -183,3 +183,18 @@ def test_tiny_overfits_one_batch():
         first = first or losses["pixel"].item()
     final = torch.nn.functional.mse_loss(model.eval()(x)["rec"], x).item()
     assert final < first / 10, (first, final)
+
+
+def test_rope_angles_and_hog_stay_fp32_under_bf16_autocast():
+    """The official code computes both in fp32; under bf16 autocast the einsum / conv would round them."""
+    torch.manual_seed(0)
+    rope = RoPE2D(4, 32, 10.0, mixed=True)
+    pos = grid_positions(32, 32)  # 512 px at patch 16: phases up to ~45 rad
+    hog, x = HOG(), torch.rand(2, 3, 64, 64) * 2 - 1  # a textured image
+    ref_a, ref_h = rope.angles(pos), hog(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_a, got_h = rope.angles(pos), hog(x)
+        assert torch.einsum("nd,hkd->hnk", pos, rope.freqs).dtype == torch.bfloat16  # what autocast would do
+    assert got_a.dtype == got_h.dtype == torch.float32
+    torch.testing.assert_close(got_a, ref_a, rtol=0, atol=0)
+    torch.testing.assert_close(got_h, ref_h, rtol=0, atol=0)

@@ -86,6 +86,9 @@ def test_decoder_finetune_freezes_encoder_and_drops_aux(tmp_path):
     dec = [k for k in s2["model"] if k.startswith("decoder.")]
     assert any(not torch.equal(s2["model"][k], s1[k]) for k in dec)  # the pixel decoder trains
     assert [r["mask_ratio"] for r in metrics(run)] == [0.6, 0.3, 0.0]  # linear 0.6 -> 0
+    # named after the preset it fine-tunes, with that stage's recipe (full LPIPS weight from step 0)
+    assert os.path.basename(run).endswith("MAETok-tiny-decoder_finetune") and s2["args"]["preset"] == "tiny"
+    assert s2["args"]["perceptual_warmup"] == 0 and s2["args"]["stage"] == "decoder_finetune"
     assert all(set(r) >= {"pixel"} and "hog" not in r for r in metrics(run))
 
 
@@ -121,6 +124,24 @@ def test_corrupt_image_in_training_data_is_skipped_and_counted(tmp_path):
     assert sum(r["skipped_images"] for r in metrics(run)) >= 1
 
 
+def test_preset_brings_its_recipe_and_explicit_flags_win():
+    import engine
+    p, args, explicit = train_tokenizer.parse_args(["--preset", "tiny", "--lr", "5e-4"])
+    engine.apply_recipe(args, train_tokenizer.RECIPES["tiny"]["main"], explicit)
+    assert (args.global_batch_size, args.lr, args.warmup_steps, args.max_steps, args.ema_decay) == \
+        (32, 5e-4, 100, 1300, 0.99)
+    p, args, explicit = train_tokenizer.parse_args([])  # the paper's run
+    assert (args.global_batch_size, args.lr, args.warmup_steps, args.max_steps) == (512, 2e-4, 5000, 500_000)
+    assert train_tokenizer.RECIPES["MAETok-B-128"]["decoder_finetune"]["max_steps"] == 50_000
+
+
+def test_a_global_batch_smaller_than_the_world_is_a_clear_error():
+    import engine
+    with pytest.raises(SystemExit, match="smaller than the world size 4"):
+        engine.micro_batching(2, None, 4)
+    assert engine.micro_batching(64, 8, 2) == (8, 4)
+
+
 @pytest.mark.slow
 def test_torchrun_two_process_cpu_smoke(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
@@ -132,6 +153,11 @@ def test_torchrun_two_process_cpu_smoke(tmp_path):
     assert [m["step"] for m in metrics(run)] == [1, 2, 3]
     ck = torch.load(run / "checkpoints" / "0000003.pt", weights_only=True)
     assert len(ck["rng"]) == 2 and "2 ranks x 4" in (run / "log.txt").read_text()
+    # DDP with masking off: the aux decoders would get no gradient; a clear error instead of a DDP crash
+    r = subprocess.run(cmd[:-2] + ["--results_dir", str(tmp_path / "nomask"), "--mask_ratio", "0",
+                                   "--mask_ratio_min", "0"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0 and "aux decoders get no gradient" in r.stderr
 
 
 def test_perceptual_term_with_local_vgg(tmp_path):
