@@ -148,7 +148,8 @@ class HOG(nn.Module):
 # encoder and decoders
 
 def rope2d(cfg, dim, heads):
-    return RoPE2D(heads, dim // heads, cfg.rope_theta, cfg.rope == "mixed")
+    """A factory: Attention builds the RoPE after its Linears, the official order of the random draws."""
+    return lambda: RoPE2D(heads, dim // heads, cfg.rope_theta, cfg.rope == "mixed")
 
 
 class ModulatedBlock(nn.Module):

@@ -90,14 +90,16 @@ class RoPEHalf(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head self-attention on SDPA (flash / memory-efficient kernels on GPU). `rope` is a module
-    (RoPE2D, RoPEHalf) called as rope(q, k, *rope_args); QK-norm is RMSNorm per head (LightningDiT)."""
+    (RoPE2D, RoPEHalf) called as rope(q, k, *rope_args), or a zero-argument factory of one, called after qkv
+    and proj exist: RoPE-Mixed draws its frequencies at construction, and drawing them after the Linears keeps
+    the seeded initialisation of the tokenizers as it was. QK-norm is RMSNorm per head (LightningDiT)."""
 
     def __init__(self, dim, heads, rope=None, qk_norm=False):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.rope = rope
+        self.rope = rope() if callable(rope) and not isinstance(rope, nn.Module) else rope
         hd = dim // heads
         self.q_norm = nn.RMSNorm(hd, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(hd, eps=1e-6) if qk_norm else nn.Identity()
