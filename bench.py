@@ -4,7 +4,7 @@ tokenizer training, of the pretrained feature networks, and of diffusion trainin
 FLOPs. Numbers go in the README; nothing here is asserted by a test.
 
   python bench.py                       # everything
-  python bench.py --only tokenizer      # tokenizer | pretrained | diffusion
+  python bench.py --only gan            # tokenizer | gan | pretrained | diffusion
 On CPU the XL sampling rate is extrapolated from 2 steps to 50.
 """
 import argparse
@@ -80,6 +80,48 @@ def bench_tokenizer(args, device, ctx):
               f"forward {fl:.1f} GFLOPs/img, {mem}")
 
 
+def bench_gan(args, device, ctx):
+    """MAETok-B-128 with the DINO discriminator (random weights): the generator step with and without the GAN term
+    (one D pass with gradient through the frozen trunk, the adaptive weight) and the D step (4 D passes, trunk
+    without autograd, heads backward), each with its AdamW step."""
+    from discriminator import GANLoss, dino_discriminator
+    from pretrained import DinoDiscTrunk
+    B = args.batch_size
+    model = build(make_config("MAETok-B-128")).to(device).train()
+    disc = dino_discriminator(DinoDiscTrunk().to(device).eval().requires_grad_(False)).to(device)
+    gan = GANLoss(disc, disc_start=0).to(device)
+    opt_g = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=1e-4, fused=device.type == "cuda")
+    x = torch.rand(B, 3, 256, 256, device=device) * 2 - 1
+    rec = {}
+
+    def g_step(adversarial):
+        with ctx:
+            out = model(x, model.sample_mask(B, device))
+            loss = out["loss"]
+            if adversarial:
+                term, _ = gan.generator_term(out["rec"], out["pixel"], model.decoder.head.weight)
+                loss = loss + term
+            rec["x"] = out["rec"].detach()
+        loss.backward()
+        opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
+
+    def d_step():
+        with ctx:
+            loss = gan.discriminator_loss(disc, x, rec["x"])["loss"]
+        loss.backward()
+        opt_d.step()
+        opt_d.zero_grad(set_to_none=True)
+    reset_peak(device)
+    t_plain = timed(lambda: g_step(False), args.steps, args.warmup, device)
+    t_g = timed(lambda: g_step(True), args.steps, args.warmup, device)
+    t_d = timed(d_step, args.steps, args.warmup, device)
+    print(f"GAN MAETok-B-128 batch {B:4d}: G step {t_plain * 1e3:.0f} ms without / {t_g * 1e3:.0f} ms with the GAN "
+          f"term, D step {t_d * 1e3:.0f} ms = {t_d / t_plain:.2f}x the plain G step; a GAN step costs "
+          f"{(t_g + t_d) / t_plain:.2f}x one without ({B * 1 / (t_g + t_d):.1f} img/s), {peak_memory(device)}")
+
+
 @torch.no_grad()
 def bench_pretrained(args, device, ctx):
     # random weights: speed does not depend on the values
@@ -133,7 +175,7 @@ def bench_diffusion(args, device, ctx):
 
 def main():
     p = argparse.ArgumentParser(description="nanotok benchmarks on the current device")
-    p.add_argument("--only", default="tokenizer,pretrained,diffusion", help="comma list of benchmark groups")
+    p.add_argument("--only", default="tokenizer,gan,pretrained,diffusion", help="comma list of benchmark groups")
     p.add_argument("--batch_size", type=int, default=None, help="MAETok-B-128 / SiT-XL batch (default 4 CPU, 64 GPU)")
     p.add_argument("--feature_batch", type=int, default=None, help="feature-network batch (default 16 CPU, 256 GPU)")
     p.add_argument("--steps", type=int, default=None, help="timed iterations (default 3 CPU, 20 GPU)")
@@ -155,6 +197,8 @@ def main():
     torch.manual_seed(0)
     if "tokenizer" in groups:
         bench_tokenizer(args, device, ctx)
+    if "gan" in groups:
+        bench_gan(args, device, ctx)
     if "pretrained" in groups:
         bench_pretrained(args, device, ctx)
     if "diffusion" in groups:

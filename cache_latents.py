@@ -23,7 +23,8 @@ from tokenizer import comparable_config, from_checkpoint
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Encode a dataset into a latent cache for train_diffusion.py")
-    p.add_argument("--tokenizer_ckpt", required=True, help="tokenizer run folder or checkpoint (EMA weights used)")
+    p.add_argument("--tokenizer_ckpt", required=True,
+                   help="tokenizer run folder, checkpoint (EMA weights used) or official MAETok release folder")
     p.add_argument("--data_path", default=data.BUILTIN, help="ImageFolder folder, .npz file, or 'builtin'")
     p.add_argument("--builtin_size", type=int, default=50_000, help="number of built-in training images")
     p.add_argument("--cache_path", required=True, help="output folder (shards + meta.json)")

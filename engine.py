@@ -18,6 +18,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+import released
 
 # ----------------------------------------------------------------------------------------------------------
 # devices and precision
@@ -107,8 +108,8 @@ def cosine_lr(step, peak, warmup, horizon, min_ratio):
 # checkpoints
 
 def find_checkpoint(path):
-    """A checkpoint file, or the newest checkpoints/*.pt of a run folder."""
-    if os.path.isfile(path):
+    """A checkpoint file, the newest checkpoints/*.pt of a run folder, or an official release (released.py)."""
+    if os.path.isfile(path) or released.release_files(path):
         return path
     ckpts = sorted(glob.glob(os.path.join(path, "checkpoints", "*.pt")))
     if not ckpts:
@@ -117,6 +118,12 @@ def find_checkpoint(path):
 
 
 def load_checkpoint(path):
+    """A nanotok checkpoint dict; an official release (config.json + weights) is converted to one."""
+    if released.release_files(path):
+        try:
+            return released.load_release(path)
+        except (KeyError, ValueError, OSError) as e:
+            sys.exit(f"error: cannot read the release {path!r}: {e}")
     try:
         return torch.load(find_checkpoint(path), map_location="cpu", weights_only=True)
     except Exception as e:
@@ -246,9 +253,11 @@ def clip_gradients(params, clip, measure):
 
 
 def reduce_means(sums, n, ddp, world, extra=()):
-    """Means of summed scalar terms over n steps and all ranks -> floats; `extra` are summed across ranks."""
+    """Means of summed scalar terms over n steps (or n[k] steps for term k: terms that start mid-interval, such
+    as the GAN's) and all ranks -> floats; `extra` are summed across ranks."""
     keys = sorted(sums)
-    vals = torch.stack([sums[k] / n for k in keys] + [torch.tensor(float(e)).to(sums[keys[0]]) for e in extra])
+    vals = torch.stack([sums[k] / (n[k] if isinstance(n, dict) else n) for k in keys]
+                       + [torch.tensor(float(e)).to(sums[keys[0]]) for e in extra])
     if ddp:
         dist.all_reduce(vals)
         vals[:len(keys)] /= world

@@ -120,6 +120,13 @@ def ssim(x, y, window=11, sigma=1.5):
     return s.flatten(1).mean(1)
 
 
+def gradient_energy(x):
+    """Per-image mean |finite difference| (rows and columns) of uint8-valued images (B, H, W, 3): the ratio of a
+    reconstruction's to the real image's is the sharpness ratio (1 = as sharp; blur pulls it below 1)."""
+    x = x.double()
+    return (x[:, 1:] - x[:, :-1]).abs().flatten(1).mean(1) + (x[:, :, 1:] - x[:, :, :-1]).abs().flatten(1).mean(1)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # latent probes (latent-metrics.md sec. 2 and 9)
 
@@ -410,7 +417,7 @@ def cmd_recon(args):
             sys.exit(f"error: LPIPS: {e} (or evaluate without it: --lpips 0)")
     ds = data.ImageDataset(src, tok.image_size, train=False)                 # ADM center crop
     idx = data.balanced_subset(src.labels, args.num_images)                 # every class, not the first n
-    sums = torch.zeros(4, dtype=torch.float64, device=device)               # psnr, ssim, lpips, count
+    sums = torch.zeros(6, dtype=torch.float64, device=device)               # psnr, ssim, lpips, count, sharpness
     fr, fx, hits = [], [], []  # hits: proxy only, does the reconstruction still show its class?
     batches = [idx[b:b + args.batch_size] for b in range(0, len(idx), args.batch_size)]
     for b in tqdm(batches[rank::world], desc="reconstructing", disable=rank != 0):
@@ -421,7 +428,8 @@ def cmd_recon(args):
         u8x, u8r = data.to_uint8(x), data.to_uint8(rec)
         lp = lpips(rec, x).sum().double().cpu() if lpips else torch.tensor(0.0, dtype=torch.float64)
         sums += torch.stack([psnr(u8x, u8r).sum(), ssim(u8x, u8r).sum(), lp,
-                             torch.tensor(float(len(x)), dtype=torch.float64)]).to(device)
+                             torch.tensor(float(len(x)), dtype=torch.float64), gradient_energy(u8r).sum(),
+                             gradient_energy(u8x).sum()]).to(device)
         if feats is not None:
             fx.append(feats(u8x.numpy())["pool"])
             out = feats(u8r.numpy())
@@ -436,7 +444,8 @@ def cmd_recon(args):
         fx, fr, hits = ([a for g in gathered for a in g[j]] for j in range(3))
     sums = sums.cpu()
     res = {"ckpt": args.ckpt, "weights": "raw" if args.raw else "ema", "num_images": int(sums[3]),
-           "psnr": (sums[0] / sums[3]).item(), "ssim": (sums[1] / sums[3]).item()}
+           "psnr": (sums[0] / sums[3]).item(), "ssim": (sums[1] / sums[3]).item(),
+           "sharpness_ratio": (sums[4] / sums[5]).item()}
     if lpips:
         res["lpips"] = (sums[2] / sums[3]).item()
     if feats is not None:
@@ -541,7 +550,7 @@ def main(argv=None):
     g.add_argument("--is_split", type=int, default=5000, help="Inception Score split size (ADM: 5000)")
     feature_flags(g, "inception")
     r = sub.add_parser("recon", help="rFID / PSNR / SSIM / LPIPS of a tokenizer on held-out images")
-    r.add_argument("--ckpt", required=True, help="tokenizer run folder or checkpoint")
+    r.add_argument("--ckpt", required=True, help="tokenizer run folder, checkpoint or official MAETok release")
     r.add_argument("--data_path", default=data.BUILTIN, help="held-out images (builtin: its val split)")
     r.add_argument("--num_images", type=int, default=50_000, help="images evaluated (ImageNet val: 50K)")
     r.add_argument("--lpips", type=int, default=1, choices=[0, 1], help="compute LPIPS (needs VGG16 weights)")
@@ -550,7 +559,7 @@ def main(argv=None):
     r.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU")
     feature_flags(r, "inception")
     lat = sub.add_parser("latent", help="linear probe and GMM analysis of a tokenizer's latents")
-    lat.add_argument("--ckpt", default=None, help="tokenizer run folder or checkpoint")
+    lat.add_argument("--ckpt", default=None, help="tokenizer run folder, checkpoint or official MAETok release")
     lat.add_argument("--cache_path", default=None, help="or a latent cache (cache_latents.py)")
     lat.add_argument("--data_path", default=data.BUILTIN, help="labeled images to encode")
     lat.add_argument("--num_images", type=int, default=10_000, help="latents used")

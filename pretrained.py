@@ -7,6 +7,7 @@ Every one is checked against fixtures made by the official code (../shared/golde
   FID InceptionV3    mseitzer/pytorch-fid's FID network: pool3 (FID), logits (IS), mixed_6 spatial (sFID)
   DINOv2 ViT-S/B/L/G facebookresearch/dinov2 (with / without registers): MAETok's aux target, MacTok, AlignTok
   DINO v1 ViT-S/16   facebookresearch/dino, and the frozen trunk of the MAETok / MacTok DINO discriminator
+  SigLIP SO400M/14   OpenCLIP / timm ViT-SO400M-14-SigLIP: MAETok's third aux target
 """
 import importlib.util
 import math
@@ -513,6 +514,78 @@ def dinov2_target(image_size, patch_size, arch="vitl14", mode="patch", ckpt=None
     return DINOv2Target(vit, grid, mode)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# SigLIP SO400M/14 (MAETok's third teacher): timm vit_so400m_patch14_siglip_gap_224, no cls token, average pool
+
+SIGLIP_URL = "https://huggingface.co/timm/ViT-SO400M-14-SigLIP/resolve/main/open_clip_pytorch_model.bin"
+SIGLIP_SO400M = (1152, 27, 16)  # width, depth, heads; MLP hidden int(3.7362 * width) = 4304, exact GELU
+
+
+class SigLIPViT(nn.Module):
+    """timm's SigLIP ViT trunk: patches + position embedding (no cls), pre-LN blocks, final LN. The stored
+    position grid is resampled to the input grid at run time (timm dynamic_img_size: bicubic, antialias)."""
+
+    def __init__(self, dim=1152, depth=27, heads=16, patch_size=16, grid=16):
+        super().__init__()
+        self.patch_embed = PatchEmbed(patch_size, dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, dim))
+        self.blocks = nn.ModuleList(Block(dim, heads, 3.7362) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+    def position_embedding(self, h, w):
+        pos, M = self.pos_embed, int(math.sqrt(self.pos_embed.shape[1]))
+        if (h, w) == (M, M):
+            return pos
+        g = pos.float().reshape(1, M, M, -1).permute(0, 3, 1, 2)
+        g = F.interpolate(g, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+        return g.permute(0, 2, 3, 1).reshape(1, h * w, -1).to(pos.dtype)
+
+    def forward_features(self, x):
+        """x (B, 3, H, W), ImageNet-normalised -> final-LN patch tokens (B, N, D)."""
+        p = self.patch_embed.proj.kernel_size[0]
+        t = self.patch_embed(x) + self.position_embedding(x.shape[-2] // p, x.shape[-1] // p)
+        for blk in self.blocks:
+            t = blk(t)
+        return self.norm(t)
+
+
+def siglip_state_dict(sd, patch_size):
+    """The OpenCLIP file MAETok downloads (visual.trunk.*; the text tower, logit scale / bias and the MAP head
+    dropped, as timm's strict=False load drops attn_pool) or a timm-native dict, the kernel resampled 14 -> 16."""
+    if any(k.startswith("visual.trunk.") for k in sd):
+        sd = {k[len("visual.trunk."):]: v for k, v in sd.items() if k.startswith("visual.trunk.")}
+    sd = {k: v for k, v in sd.items() if not k.startswith("attn_pool.")}
+    if "patch_embed.proj.weight" in sd and sd["patch_embed.proj.weight"].shape[-1] != patch_size:
+        sd["patch_embed.proj.weight"] = resample_patch_embed(sd["patch_embed.proj.weight"], patch_size)
+    return sd
+
+
+class FeatureTarget(nn.Module):
+    """A frozen ViT as a per-patch feature target: image in [-1, 1] -> ImageNet normalisation (the official MAETok
+    code feeds SigLIP ImageNet statistics too, not its native 0.5 / 0.5) -> forward_features (B, N, D)."""
+
+    def __init__(self, vit):
+        super().__init__()
+        self.vit = vit
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, x):
+        return self.vit.forward_features(((x.float() + 1) / 2 - self.mean) / self.std)
+
+
+def siglip_target(patch_size=16, ckpt=None, state_dict=None, arch=SIGLIP_SO400M):
+    """MAETok's SigLIP aux target: SO400M/14 (OpenCLIP 'webli', SigLIP 1; recent timm resolves the bare model name
+    to SigLIP 2, another teacher) with its kernel resampled to the tokenizer's patch; the 16 x 16 position grid
+    is kept (224 / 14 = 256 / 16) and resampled at run time for other grids."""
+    sd = state_dict if state_dict is not None else load_official(SIGLIP_URL, ckpt, "--siglip_ckpt")
+    sd = siglip_state_dict(dict(sd), patch_size)
+    grid = int(math.sqrt(sd["pos_embed"].shape[1])) if "pos_embed" in sd else 16
+    vit = SigLIPViT(*arch, patch_size=patch_size, grid=grid)
+    return FeatureTarget(load_strict(vit, sd, "official SigLIP SO400M/14 (OpenCLIP open_clip_pytorch_model.bin)"))
+
+
 class DinoDiscTrunk(nn.Module):
     """The frozen DINO ViT-S/16 trunk of the MAETok / MacTok DINO discriminator (continuous_tokenizer
     FrozenDINOSmallNoDrop): own ImageNet normalisation of [-1, 1] input, resize to 224 (area when larger, else
@@ -530,20 +603,21 @@ class DinoDiscTrunk(nn.Module):
         self.register_buffer("x_shift", ((0.5 - mean) / std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x, generator=None):
-        x = x * self.x_scale + self.x_shift
-        H, W = x.shape[-2:]
-        if H > 224 and W > 224 and torch.rand((), generator=generator) < 0.5:
-            i, j = (int(torch.randint(n - 224 + 1, (), generator=generator)) for n in (H, W))
-            x = x[..., i:i + 224, j:j + 224]
-        else:
-            x = F.interpolate(x, size=(224, 224), mode="area" if H > 224 else "bicubic")
-        t = self.vit.prepare_tokens(x)                                       # 224 px: the stored grid, as is
+        with torch.autocast(x.device.type, enabled=False):  # preprocessing and pos-embed in fp32 (official)
+            x = x.float() * self.x_scale + self.x_shift
+            H, W = x.shape[-2:]
+            if H > 224 and W > 224 and torch.rand((), generator=generator) < 0.5:
+                i, j = (int(torch.randint(n - 224 + 1, (), generator=generator)) for n in (H, W))
+                x = x[..., i:i + 224, j:j + 224]
+            else:
+                x = F.interpolate(x, size=(224, 224), mode="area" if H > 224 else "bicubic")
+            t = self.vit.prepare_tokens(x)                                   # 224 px: the stored grid, as is
         acts = [t]
         for i, blk in enumerate(self.vit.blocks[:max(self.key_depths) + 1]):
             t = blk(t)
             if i in self.key_depths:
                 acts.append(t)
-        return [(a[:, 1:] + a[:, :1]).transpose(1, 2) for a in acts]         # (B, D, N) each
+        return [(a[:, 1:] + a[:, :1]).transpose(1, 2).float() for a in acts]  # (B, D, N) each, fp32
 
 
 def load_dino_disc_trunk(ckpt=None, state_dict=None, cfg=None, key_depths=(2, 5, 8, 11)):

@@ -45,12 +45,23 @@ class ProxyNet(nn.Module):
         self.fc = nn.Linear(c, cfg.feature_dim)
         self.head = nn.Linear(cfg.feature_dim, cfg.num_classes)
 
-    def features(self, x):
-        """x (B, 3, H, W) in [-1, 1] -> (B, feature_dim)."""
+    def resize(self, x):
         s = self.cfg.image_size
         if x.shape[-2:] != (s, s):
             x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
-        return self.fc(self.trunk(x).mean(dim=(2, 3)))
+        return x
+
+    def features(self, x):
+        """x (B, 3, H, W) in [-1, 1] -> (B, feature_dim)."""
+        return self.fc(self.trunk(self.resize(x)).mean(dim=(2, 3)))
+
+    def stages(self, x):
+        """x (B, 3, H, W) in [-1, 1] -> the 4 stage outputs (B, width * 2^i, s / 2^i, s / 2^i)."""
+        x, out = self.resize(x), []
+        for i in range(4):
+            x = self.trunk[6 * i:6 * i + 6](x)
+            out.append(x)
+        return out
 
     def forward(self, x):
         return self.head(F.relu(self.features(x)))

@@ -27,7 +27,8 @@ from tokenizer import from_checkpoint
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Sample a grid or an ADM-style .npz from a diffusion checkpoint")
     p.add_argument("--ckpt", required=True, help="diffusion run folder or checkpoint")
-    p.add_argument("--tokenizer_ckpt", default=None, help="tokenizer checkpoint (default: the one it was trained on)")
+    p.add_argument("--tokenizer_ckpt", default=None,
+                   help="tokenizer checkpoint or release (default: the one it was trained on)")
     p.add_argument("--classes", default="0,1,2,3,4,5,6,7", help="grid: comma list of class ids (one row each)")
     p.add_argument("--seeds", default="0,1,2,3", help="grid: comma list of seeds (one column each)")
     p.add_argument("--num_samples", type=int, default=0, help="> 0: write that many samples to an .npz")

@@ -407,12 +407,17 @@ PRESETS = {
 # Flag defaults each preset brings for each stage (explicit flags win). The paper's main run is the argparse
 # defaults of train_tokenizer.py. Stage 2 (paper): 50K steps with the full loss from its first step; a short
 # warmup (1K steps) is our choice, the paper is silent.
-_FINETUNE = dict(max_steps=50_000, warmup_steps=1000, perceptual_warmup=0, mask_anneal_steps=50_000)
+# The GAN: on from step 30K in the main run (official disc_start), from the first step of stage 2. The tiny recipe
+# has no GAN and only the HOG target: the DINO, DINOv2 and SigLIP weights cannot be downloaded offline
+# (--disc proxy is the offline stand-in for the discriminator's trunk).
+_FINETUNE = dict(max_steps=50_000, warmup_steps=1000, perceptual_warmup=0, mask_anneal_steps=50_000, disc_start=0)
 _TINY = dict(global_batch_size=32, lr=2e-3, warmup_steps=100, max_steps=1300, ema_decay=0.99, log_every=50,
-             eval_every=1300, eval_images=500, grid_every=1300, ckpt_every=1300)  # the CPU quick start
+             eval_every=1300, eval_images=500, grid_every=1300, ckpt_every=1300, disc="none",
+             aux_targets="hog")  # the CPU quick start
 RECIPES = {
     "MAETok-B-128": {"main": {}, "decoder_finetune": _FINETUNE},
     "tiny": {"main": _TINY, "decoder_finetune": {**_TINY, **dict(max_steps=500, warmup_steps=20, perceptual_warmup=0,
+                                                                 disc_start=0,
                                                                  mask_anneal_steps=500, eval_every=500,
                                                                  grid_every=500, ckpt_every=500)}},
 }
@@ -453,9 +458,11 @@ def comparable_config(d):
 
 def from_checkpoint(ckpt, ema=True):
     """A trained tokenizer of any family (aux decoders dropped), frozen in eval mode, from a train_tokenizer.py
-    checkpoint dict or path: EMA weights by default, or a released-style dict holding only `ema`."""
+    checkpoint dict or path (run folder, checkpoint file, or an official release that released.py converts): EMA
+    weights by default, or a released-style dict holding only `ema`."""
     if isinstance(ckpt, str):
-        ckpt = torch.load(ckpt, map_location="cpu", weights_only=True)
+        import engine  # lazy: engine -> released -> tokenizer
+        ckpt = engine.load_checkpoint(ckpt)
     cfg = replace(config_from_dict(ckpt["config"]), aux_targets=())
     sd = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
     model = build(cfg)

@@ -26,15 +26,19 @@ from tqdm import tqdm
 
 import data
 import engine
-from pretrained import DINOV2_ARCHS, dinov2_target, load_lpips
+from discriminator import Discriminator, GANLoss, ProxyDiscTrunk, dino_discriminator
+from pretrained import DINOV2_ARCHS, SIGLIP_SO400M, dinov2_target, load_dino_disc_trunk, load_lpips, siglip_target
+from proxy import load_proxy
 from tokenizer import (PRESETS, RECIPES, STAGES, build, config_from_dict, make_config, random_mask, stage_config,
                        unpatchify)
 
 # flags a resumed run may change; every other flag is restored from the checkpoint
 RESUME_FLAGS = ("max_steps", "decay_steps", "log_every", "eval_every", "ckpt_every", "grid_every", "num_workers",
-                "compile", "keep_checkpoints", "eval_images", "resume", "vgg_ckpt", "dinov2_ckpt")
+                "compile", "keep_checkpoints", "eval_images", "resume", "vgg_ckpt", "dinov2_ckpt", "siglip_ckpt",
+                "dino_ckpt",
+                "disc_proxy_ckpt")
 ALL_STAGES = sorted({s for stages in STAGES.values() for s in stages})
-AUX_TARGETS = ("hog", "dinov2")
+AUX_TARGETS = ("hog", "dinov2", "siglip")
 
 
 def parse_args(argv=None):
@@ -46,13 +50,17 @@ def parse_args(argv=None):
     p.add_argument("--builtin_size", type=int, default=50_000, help="number of built-in training images")
     p.add_argument("--image_size", type=int, default=None, help="resolution (default: the preset's)")
     p.add_argument("--rope", default=None, choices=["mixed", "axial"], help="2D RoPE variant (default: preset)")
-    p.add_argument("--aux_targets", default="hog",
-                   help="comma list of aux decoder targets from hog,dinov2 ('' for none; the paper adds SigLIP)")
+    p.add_argument("--aux_targets", default="hog,dinov2,siglip",
+                   help="comma list of aux decoder targets from hog,dinov2,siglip ('' for none; the paper: all "
+                        "three; the tiny preset: hog, as no teacher weights exist offline)")
     p.add_argument("--dinov2_arch", default="vitl14", choices=sorted(DINOV2_ARCHS),
                    help="DINOv2 teacher for the dinov2 target (official MAETok: ViT-L/14)")
     p.add_argument("--dinov2_mode", default="patch", choices=["patch", "resize"],
                    help="patch: kernel resampled to the tokenizer patch (official MAETok); resize: image to grid*14")
     p.add_argument("--dinov2_ckpt", default=None, help="local official DINOv2 .pth (default: official URL)")
+    p.add_argument("--siglip_ckpt", default=None,
+                   help="local SigLIP SO400M/14 file: OpenCLIP open_clip_pytorch_model.bin of "
+                        "timm/ViT-SO400M-14-SigLIP (default: its Hugging Face URL)")
     p.add_argument("--mask_ratio", type=float, default=0.6, help="max mask ratio (truncated-normal peak)")
     p.add_argument("--mask_ratio_min", type=float, default=0.4, help="min mask ratio")
     p.add_argument("--global_batch_size", type=int, default=512, help="images per optimizer step, all ranks")
@@ -72,6 +80,16 @@ def parse_args(argv=None):
     p.add_argument("--perceptual_weight", type=float, default=1.0, help="LPIPS-VGG weight (0 disables)")
     p.add_argument("--perceptual_warmup", type=int, default=10_000, help="steps to ramp LPIPS in (official)")
     p.add_argument("--vgg_ckpt", default=None, help="local VGG16 weights for LPIPS (default: official URL)")
+    p.add_argument("--disc", default="dino", choices=["dino", "proxy", "none"],
+                   help="adversarial loss: dino = frozen DINO ViT-S/16 + 5 trainable heads (official), proxy = a "
+                        "frozen proxy CNN (proxy.py) as the trunk, for offline work; none = no GAN")
+    p.add_argument("--dino_ckpt", default=None, help="local DINO v1 ViT-S/16 .pth (default: official URL)")
+    p.add_argument("--disc_proxy_ckpt", default=None,
+                   help="--disc proxy: a proxy.py checkpoint (another seed / width than the evaluation proxy)")
+    p.add_argument("--disc_start", type=int, default=30_000, help="step where the GAN terms switch on (official)")
+    p.add_argument("--disc_weight", type=float, default=0.4, help="adversarial weight for G and D (official)")
+    p.add_argument("--lecam_weight", type=float, default=1e-3, help="LeCAM regulariser weight in the D loss")
+    p.add_argument("--cr_weight", type=float, default=4.0, help="consistency regularisation weight (not x 0.4)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto = bf16 autocast on GPU, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -105,14 +123,56 @@ def validate(p, args):
         (args.decay_steps is None or args.decay_steps > 0, "--decay_steps must be positive"),
         (0 <= args.ema_decay < 1, "--ema_decay must be in [0, 1)"),
         (args.perceptual_weight >= 0, "--perceptual_weight must be >= 0"),
+        (args.disc_start >= 0 and min(args.disc_weight, args.lecam_weight, args.cr_weight) >= 0,
+         "need --disc_start >= 0 and non-negative --disc_weight, --lecam_weight, --cr_weight"),
+        (args.disc != "proxy" or args.disc_proxy_ckpt, "--disc proxy needs --disc_proxy_ckpt (train one: python "
+                                                       "proxy.py --seed 1 --width 8 --out results/disc_proxy.pt)"),
         (args.image_size is None or args.image_size > 0, "--image_size must be positive"),
         (args.builtin_size > 0 and args.eval_images > 0, "--builtin_size and --eval_images must be positive"),
         (set(args.aux_targets.split(",")) <= {"", *AUX_TARGETS},
-         f"--aux_targets {args.aux_targets!r}: choose from {','.join(AUX_TARGETS)} (SigLIP is not implemented yet)"),
+         f"--aux_targets {args.aux_targets!r}: choose from {','.join(AUX_TARGETS)}"),
     ]
     for ok, msg in checks:
         if not ok:
             p.error(msg)
+
+
+def build_gan(args, ckpt, init, device, ddp, local):
+    """The discriminator (heads seeded after the tokenizer), its optimizer (AdamW as G's, same schedule) and
+    its DDP wrapper, restored from a resumed checkpoint or, in a later stage, from the stage it continues."""
+    if args.disc == "none":
+        return None, None, None
+    try:
+        if args.disc == "dino":
+            disc = dino_discriminator(load_dino_disc_trunk(args.dino_ckpt).to(device))
+        else:
+            trunk = ProxyDiscTrunk(load_proxy(args.disc_proxy_ckpt)).to(device)
+            disc = Discriminator(trunk, trunk.dims)
+    except (RuntimeError, FileNotFoundError, KeyError, ValueError) as e:
+        sys.exit(f"error: discriminator: {e} (or train without the GAN: --disc none)")
+    if ddp and device.type == "cuda":  # official SyncBatchNorm: global-batch statistics (gloo cannot: per rank)
+        disc = torch.nn.SyncBatchNorm.convert_sync_batchnorm(disc)
+    gan = GANLoss(disc.to(device), args.disc_start, args.disc_weight, args.lecam_weight, args.cr_weight).to(device)
+    decay = [p for p in disc.parameters() if p.ndim >= 2]
+    opt_d = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                               {"params": [p for p in disc.parameters() if p.ndim < 2], "weight_decay": 0.0}],
+                              lr=args.lr, betas=(0.9, args.beta2), fused=device.type == "cuda")
+    src = ckpt if ckpt is not None else init
+    if src is not None and src.get("disc") is not None:
+        disc.load_state_dict(src["disc"])
+        gan.lecam_ema.copy_(torch.tensor([src["lecam"]["real"], src["lecam"]["fake"]]))
+        if ckpt is not None:
+            opt_d.load_state_dict(ckpt["disc_optimizer"])
+    disc_fwd = DDP(disc, device_ids=[local] if device.type == "cuda" else None) if ddp else disc
+    return gan, opt_d, disc_fwd
+
+
+def gan_state(gan, opt_d):
+    """What a checkpoint keeps of the GAN: heads (with SN vectors, BN statistics), optimizer, LeCAM EMAs."""
+    if gan is None:
+        return {}
+    real, fake = gan.lecam_ema.tolist()
+    return {"disc": gan.disc.state_dict(), "disc_optimizer": opt_d.state_dict(), "lecam": {"real": real, "fake": fake}}
 
 
 @torch.no_grad()
@@ -156,7 +216,8 @@ def main(argv=None):
     init, ignored, replanned = None, [], None
     if ckpt is not None:
         a = ckpt["args"]  # a flag newer than the checkpoint takes its preset's recipe, else its default
-        saved = {**RECIPES.get(a["preset"], {}).get(a["stage"], {}), "decay_steps": a["max_steps"], **a}
+        saved = {**RECIPES.get(a["preset"], {}).get(a["stage"], {}), "decay_steps": a["max_steps"], "disc": "none",
+                 **a}  # a checkpoint older than --disc trained without a GAN
         args, ignored = engine.resume_args(p, args, explicit, saved, RESUME_FLAGS)
         cfg = config_from_dict(ckpt["config"])
         if args.decay_steps != saved["decay_steps"]:
@@ -172,7 +233,7 @@ def main(argv=None):
         engine.apply_recipe(args, RECIPES.get(args.preset, {}).get(args.stage, {}), explicit)
         over = {"aux_targets": tuple(t for t in args.aux_targets.split(",") if t),
                 "mask_ratio": args.mask_ratio, "mask_ratio_min": args.mask_ratio_min,
-                "feature_dims": {"dinov2": DINOV2_ARCHS[args.dinov2_arch][0]}}
+                "feature_dims": {"dinov2": DINOV2_ARCHS[args.dinov2_arch][0], "siglip": SIGLIP_SO400M[0]}}
         over.update({k: getattr(args, k) for k in ("image_size", "rope") if getattr(args, k)})
         cfg = make_config(args.preset, **over)
     if args.decay_steps is None:
@@ -229,8 +290,15 @@ def main(argv=None):
         except (RuntimeError, FileNotFoundError, KeyError) as e:
             sys.exit(f"error: DINOv2 target: {e} (or train without it: --aux_targets hog)")
         model.set_feature_target("dinov2", teacher)
+    if "siglip" in model.aux:
+        try:
+            teacher = siglip_target(cfg.patch_size, args.siglip_ckpt).to(device)
+        except (RuntimeError, FileNotFoundError, KeyError) as e:
+            sys.exit(f"error: SigLIP target: {e} (or train without it: --aux_targets hog,dinov2)")
+        model.set_feature_target("siglip", teacher)
     fwd = torch.compile(model) if args.compile else model
     fwd = DDP(fwd, device_ids=[local] if device.type == "cuda" else None) if ddp else fwd
+    gan, opt_d, disc_fwd = build_gan(args, ckpt, init, device, ddp, local)
 
     # ---- run folder, logging
     name = args.preset if args.preset.lower().startswith(cfg.family) else f"{type(model).__name__}-{args.preset}"
@@ -253,6 +321,10 @@ def main(argv=None):
         f"{engine.count(model.decoder) / 1e6:.2f}M, aux decoders {engine.count(model.aux) / 1e6:.2f}M "
         f"({', '.join(model.aux) or 'none'}), trainable "
         f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M")
+    if gan is not None:
+        log(f"GAN: {args.disc} discriminator, {engine.count(gan.disc) / 1e6:.2f}M trainable, from step "
+            f"{args.disc_start} (weight {args.disc_weight} x adaptive, LeCAM {args.lecam_weight}, CR {args.cr_weight})"
+            + ("; BatchNorm per rank under gloo" if ddp and device.type != "cuda" else ""))
     log(f"config: {json.dumps(asdict(cfg))}")
     log(f"args: {json.dumps(vars(args))}")
     log(f"data: {len(train_ds)} train images ({train_src.num_classes} classes), {steps_per_epoch} steps/epoch")
@@ -265,14 +337,23 @@ def main(argv=None):
     def checkpoint(step):
         run.checkpoint(lambda: {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                                 "step": step, "epoch": step // steps_per_epoch, "config": asdict(cfg),
-                                "args": vars(args)}, step, args.keep_checkpoints, device)
+                                "args": vars(args), **gan_state(gan, opt_d)}, step, args.keep_checkpoints, device)
+
+    pairs = []  # (x, detached reconstruction) of each G micro-batch, for the D step
 
     def loss_fn(fwd, batch):
-        x, mask, pw = batch
+        x, mask, pw, adversarial = batch
         out = fwd(x, mask)
+        nll = out["pixel"]
         if lpips is not None:
             out["lpips"] = lpips(out["rec"].float(), x).mean()
+            nll = nll + pw * out["lpips"]
             out["loss"] = out["loss"] + pw * out["lpips"]
+        if adversarial:  # the adaptive weight balances the GAN against reconstruction + perceptual only
+            term, logs = gan.generator_term(out["rec"], nll, model.decoder.head.weight)
+            out["loss"] = out["loss"] + term
+            out.update(logs)
+            pairs.append((x, out["rec"].detach()))
         return out
 
     stream = engine.step_batches(train_ds, step, steps_per_epoch, accum, micro, args.seed, rank, world,
@@ -282,20 +363,21 @@ def main(argv=None):
     def micro_batches(step, mask_ratio):
         """The step's micro-batches with their masks (drawn here, on the CPU RNG: no sync, nothing to recompile)."""
         pw = args.perceptual_weight * min(1.0, step / args.perceptual_warmup if args.perceptual_warmup else 1.0)
+        adversarial = gan is not None and gan.active(step)
         for _ in range(accum):
             x, _, n_bad = next(stream)
             skipped[0] += int(n_bad.sum())
             x = x.to(device, non_blocking=True)
-            yield x, model.sample_mask(len(x), device, mask_ratio), pw
+            yield x, model.sample_mask(len(x), device, mask_ratio), pw, adversarial
 
     grid_idx = [eval_idx[j] for j in data.balanced_subset([val_src.labels[i] for i in eval_idx], 8, args.seed)]
     grid_x = torch.stack([val_ds[i][0] for i in grid_idx]).to(device)
     model.train()
-    sums, n_sum, t0 = {}, 0, time.time()
+    sums, counts, n_sum, t0 = {}, {}, 0, time.time()
     bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     while step < args.max_steps:
         lr = engine.cosine_lr(step, args.lr, args.warmup_steps, args.decay_steps, args.min_lr_ratio)
-        for g in opt.param_groups:
+        for g in opt.param_groups + (opt_d.param_groups if gan is not None else []):
             g["lr"] = lr
         mask_ratio = None  # 'drawn': a ratio per batch
         if stage.mask == "anneal":
@@ -306,23 +388,36 @@ def main(argv=None):
         opt.step()
         opt.zero_grad(set_to_none=True)
         engine.ema_update(ema, model, args.ema_decay)
+        dnorm = None
+        if pairs:  # the D step on the same images and the reconstructions of the pre-update generator
+            d_terms = engine.accumulate(disc_fwd, pairs, accum, lambda d, xr: gan.discriminator_loss(d, *xr, ddp),
+                                        ctx, ddp)
+            terms["d_loss"] = d_terms.pop("loss")
+            terms.update(d_terms)
+            dnorm = engine.clip_gradients(gan.disc.parameters(), args.grad_clip, measure=log_now)
+            opt_d.step()
+            opt_d.zero_grad(set_to_none=True)
+            pairs.clear()
         for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + v
+            if v is not None:
+                sums[k], counts[k] = sums.get(k, 0.0) + v, counts.get(k, 0) + 1
         n_sum += 1
         step += 1
         bar.update(1)
 
         if log_now:
-            means, (n_bad,) = engine.reduce_means(sums, n_sum, ddp, world, extra=(skipped[0],))
+            means, (n_bad,) = engine.reduce_means(sums, counts, ddp, world, extra=(skipped[0],))
             rec = {"step": step, **means, "lr": lr, "grad_norm": gnorm.item(),
                    "img_per_s": n_sum * args.global_batch_size / (time.time() - t0), "skipped_images": int(n_bad)}
             if mask_ratio is not None:
                 rec["mask_ratio"] = mask_ratio
+            if dnorm is not None:
+                rec["d_grad_norm"] = dnorm.item()
             run.metrics(rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", pix=f"{rec['pixel']:.4f}")
             if n_bad:
                 log(f"step {step}: {int(n_bad)} unreadable images skipped since the last log")
-            sums, n_sum, skipped[0], t0 = {}, 0, 0, time.time()
+            sums, counts, n_sum, skipped[0], t0 = {}, {}, 0, 0, time.time()
         if args.eval_every > 0 and (step % args.eval_every == 0 or step == args.max_steps):
             psnr = eval_psnr(ema, val_ds, eval_idx, rank, world, device, ctx)
             log(f"step {step}: held-out PSNR (EMA, {len(eval_idx)} images) {psnr:.2f} dB")

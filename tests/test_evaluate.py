@@ -63,6 +63,10 @@ def test_psnr_and_ssim_known_cases():
     noisy = lambda s: (x.float() + torch.randn(x.shape) * s).clamp(0, 255).to(torch.uint8)
     s1, s2 = ev.ssim(x, noisy(10)), ev.ssim(x, noisy(60))
     assert (s1 < 1).all() and (s2 < s1).all()
+    ramp = torch.arange(16, dtype=torch.uint8).view(1, 1, 16, 1).expand(1, 16, 16, 3) * 3  # d/dcol = 3, d/drow = 0
+    torch.testing.assert_close(ev.gradient_energy(ramp), torch.tensor([3.0], dtype=torch.float64))
+    blur = torch.nn.functional.avg_pool2d(x.permute(0, 3, 1, 2).float(), 3, 1, 1).round().to(torch.uint8)
+    assert (ev.gradient_energy(blur.permute(0, 2, 3, 1)) < ev.gradient_energy(x)).all()
 
 
 def test_linear_probe_separable_and_shuffled():

@@ -205,3 +205,24 @@ def test_dinov2_plugs_into_maetok_as_aux_target():
     assert -1 <= losses["dinov2"].item() <= 1 and torch.isfinite(losses["loss"])
     losses["loss"].backward()
     assert model.aux["dinov2"].head.weight.grad.abs().sum() > 0
+
+
+def test_siglip_matches_official_fixture_in_both_file_formats():
+    from pretrained import siglip_target
+    fx = golden("timm_siglip_p16_256.pt")
+    out = fx["outputs"]
+    target = siglip_target(16, state_dict=_rule_state_dict(fx), arch=(96, 2, 3))  # OpenCLIP file: visual.trunk.*
+    vit = target.vit
+    _close(vit.patch_embed.proj.weight, out["patch_embed_resampled"])
+    with torch.no_grad():
+        _close(vit.forward_features(fx["inputs"]["x256"].float()), out["forward_features"])
+        _close(vit.position_embedding(10, 10), out["x160"]["pos_embed_runtime"])
+        _close(vit.forward_features(fx["inputs"]["x160"].float()), out["x160"]["forward_features"])
+        x = torch.rand(2, 3, 32, 32) * 2 - 1  # the target applies ImageNet statistics to [-1, 1] images
+        ref = vit.forward_features(((x + 1) / 2 - target.mean) / target.std)
+        torch.testing.assert_close(target(x), ref)
+    native = {k: golden_tensor(k, s) for k, s, _ in fx["state_dict_keys_timm_native"]}
+    vit = siglip_target(16, state_dict=native, arch=(96, 2, 3)).vit
+    with torch.no_grad():
+        _close(vit.forward_features(fx["inputs"]["x256"].float()), out["timm_native_format"]["forward_features"])
+    assert not any(p.requires_grad for p in vit.parameters())

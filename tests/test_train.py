@@ -1,5 +1,6 @@
 """train_tokenizer.py end to end on CPU: checkpoints, exact resume, stage 2, flags, DDP smoke."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -143,7 +144,7 @@ def test_a_global_batch_smaller_than_the_world_is_a_clear_error():
 
 
 @pytest.mark.slow
-def test_torchrun_two_process_cpu_smoke(tmp_path):
+def test_torchrun_two_process_cpu_smoke(tmp_path, disc_proxy):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
            "train_tokenizer.py", *BASE, "--max_steps", "3", "--results_dir", str(tmp_path)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -158,6 +159,14 @@ def test_torchrun_two_process_cpu_smoke(tmp_path):
                                    "--mask_ratio_min", "0"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode != 0 and "aux decoders get no gradient" in r.stderr
+    # the GAN under DDP (gloo): heads in their own DDP, BatchNorm per rank, LeCAM EMAs all-reduced
+    r = subprocess.run(cmd[:-2] + ["--results_dir", str(tmp_path / "gan"), *disc_proxy, "--disc_start", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = next(Path(tmp_path / "gan").iterdir())
+    m = metrics(run)
+    assert "d_loss" not in m[0] and all(math.isfinite(r["d_loss"]) and r["d_weight"] > 0 for r in m[1:])
+    assert "BatchNorm per rank under gloo" in (run / "log.txt").read_text()
 
 
 def test_perceptual_term_with_local_vgg(tmp_path):
@@ -167,3 +176,68 @@ def test_perceptual_term_with_local_vgg(tmp_path):
                                        "1", "--perceptual_warmup", "0", "--vgg_ckpt", str(tmp_path / "vgg16.pth")])
     rec = metrics(run)[-1]
     assert rec["lpips"] > 0 and abs(rec["loss"] - rec["pixel"] - rec["hog"] - rec["lpips"]) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the GAN (discriminator.py): a random-weight proxy CNN stands in for the DINO trunk
+
+@pytest.fixture
+def disc_proxy(tmp_path_factory):
+    from dataclasses import asdict
+    from proxy import ProxyConfig, ProxyNet
+    torch.manual_seed(1)
+    net = ProxyNet(ProxyConfig(32, 10, width=4))
+    path = tmp_path_factory.mktemp("disc") / "disc_proxy.pt"
+    torch.save({"model": net.state_dict(), "proxy_config": asdict(net.cfg), "val_accuracy": 0.0}, path)
+    return ["--disc", "proxy", "--disc_proxy_ckpt", str(path)]
+
+
+def test_gan_resume_is_exact_across_disc_start(tmp_path, disc_proxy):
+    gan = BASE + disc_proxy + ["--disc_start", "2", "--micro_batch_size", "4"]  # 2 micro-batches for G and D
+    full = train_tokenizer.main(gan + ["--max_steps", "6", "--results_dir", str(tmp_path / "a")])
+    half = train_tokenizer.main(gan + ["--max_steps", "1", "--decay_steps", "6", "--results_dir", str(tmp_path / "b")])
+    train_tokenizer.main(gan + ["--max_steps", "4", "--resume", half])      # stops after disc_start too
+    train_tokenizer.main(gan + ["--max_steps", "6", "--resume", half])
+    a, b = metrics(full), metrics(half)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    assert "d_loss" not in a[1] and {"d_loss", "g_loss", "d_weight", "d_hinge", "d_lecam", "d_cr", "logits_real",
+                                     "logits_fake", "d_grad_norm"} <= set(a[2])  # 0-based step 2 = the 3rd
+    for ra, rb in zip(a, b):
+        for k in set(ra) - {"img_per_s"}:
+            assert ra[k] == rb[k], (ra["step"], k, ra[k], rb[k])              # bitwise on CPU fp32
+    ca = torch.load(os.path.join(full, "checkpoints", "0000006.pt"), weights_only=True)
+    cb = torch.load(os.path.join(half, "checkpoints", "0000006.pt"), weights_only=True)
+    assert ca["lecam"] == cb["lecam"] and ca["lecam"]["real"] != 0           # the LeCAM EMAs are kept
+    assert all(torch.equal(ca["disc"][k], cb["disc"][k]) for k in ca["disc"])  # heads, SN vectors, BN stats
+    assert any(k.endswith("weight_u") for k in ca["disc"]) and not any("net." in k for k in ca["disc"])
+    assert all(torch.equal(ca["ema"][k], cb["ema"][k]) for k in ca["ema"])
+    assert ca["disc_optimizer"]["state"]
+
+
+def test_gan_in_stage_two_is_on_from_the_first_step(tmp_path, disc_proxy):
+    stage1 = train_tokenizer.main(BASE + disc_proxy + ["--disc_start", "1", "--max_steps", "2",
+                                                       "--results_dir", str(tmp_path)])
+    run = train_tokenizer.main(BASE + disc_proxy + ["--max_steps", "1", "--results_dir", str(tmp_path), "--stage",
+                                                    "decoder_finetune", "--init_from", stage1])
+    s1 = torch.load(os.path.join(stage1, "checkpoints", "0000002.pt"), weights_only=True)
+    rec = metrics(run)[0]
+    assert rec["step"] == 1 and rec["d_weight"] > 0 and "d_loss" in rec
+    assert "GAN: proxy discriminator" in open(os.path.join(run, "log.txt")).read()
+    s2 = torch.load(os.path.join(run, "checkpoints", "0000001.pt"), weights_only=True)
+    n = [ck["disc"]["heads.0.0.1.num_batches_tracked"].item() for ck in (s1, s2)]
+    assert s2["args"]["disc_start"] == 0 and n == [5, 10]  # 5 D passes per step; stage 2 continues stage 1's D
+
+
+def test_missing_teacher_and_discriminator_weights_are_clear_errors(tmp_path, monkeypatch):
+    def offline(*a, **k):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(SystemExit, match=r"dino_deitsmall16_pretrain\.pth.*--dino_ckpt.*--disc none"):
+        train_tokenizer.main(BASE + ["--disc", "dino", "--max_steps", "1", "--results_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"open_clip_pytorch_model\.bin from https://huggingface\.co/timm/"
+                                         r"ViT-SO400M-14-SigLIP.*--siglip_ckpt"):
+        train_tokenizer.main(BASE + ["--aux_targets", "hog,siglip", "--max_steps", "1", "--results_dir", str(tmp_path)])
+    p, args, explicit = train_tokenizer.parse_args([])  # the paper's run: all three targets and the GAN
+    assert (args.aux_targets, args.disc, args.disc_start, args.disc_weight) == ("hog,dinov2,siglip", "dino", 30_000, 0.4)
+    r = _cli("--preset", "tiny", "--disc", "proxy")
+    assert r.returncode == 2 and "--disc proxy needs --disc_proxy_ckpt" in r.stderr
