@@ -92,10 +92,11 @@ def random_crop_arr(img, size, rng, min_crop_frac=0.8, max_crop_frac=1.0):
     return img.crop((x, y, x + size, y + size))
 
 
-def transform(img, size, train, rng):
-    """train: random-resized crop + horizontal flip; eval: ADM center crop. -> (3, S, S) in [-1, 1]."""
+def transform(img, size, train, rng, crop="random"):
+    """train: random-resized crop (MAETok) or the ADM center crop (MacTok), + horizontal flip; eval: ADM center
+    crop. -> (3, S, S) in [-1, 1]."""
     if train:
-        img = random_crop_arr(img, size, rng)
+        img = random_crop_arr(img, size, rng) if crop == "random" else center_crop_arr(img, size)
         if rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
     else:
@@ -298,8 +299,8 @@ class ImageDataset(torch.utils.data.Dataset):
     An unreadable file is skipped with a warning and replaced by the next readable one; it never ends an epoch.
     Augmentation draws from a generator seeded by (seed, epoch, index)."""
 
-    def __init__(self, source, image_size, train, seed=0):
-        self.source, self.image_size, self.train, self.seed = source, image_size, train, seed
+    def __init__(self, source, image_size, train, seed=0, crop="random"):
+        self.source, self.image_size, self.train, self.seed, self.crop = source, image_size, train, seed, crop
         self.warned = set()
 
     def __len__(self):
@@ -319,7 +320,7 @@ class ImageDataset(torch.utils.data.Dataset):
                     self.warned.add(j)
                 continue
             rng = np.random.default_rng([self.seed, epoch, j])
-            return transform(img, self.image_size, self.train, rng), self.source.labels[j], skipped
+            return transform(img, self.image_size, self.train, rng, self.crop), self.source.labels[j], skipped
         raise RuntimeError(f"no readable image among {min(n, 1000)} consecutive files from index {i}")
 
 

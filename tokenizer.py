@@ -25,7 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vit import MLP, Attention, Block, RoPE2D, grid_positions
+from mactok import PRESETS as MACTOK_PRESETS
+from mactok import MacTok, MacTokConfig
+from vit import MLP, Attention, Block, RoPE2D, grid_positions, unpatchify
 
 
 @dataclass
@@ -72,23 +74,6 @@ class TokenizerConfig:
     @property
     def num_patches(self):
         return self.grid_size ** 2
-
-
-# ----------------------------------------------------------------------------------------------------------
-# patchify / positions
-
-def patchify(x, p):
-    """(B, C, H, W) -> (B, N, p*p*C), patches row-major, features ordered (p, q, c) as the official 'nhwpqc'."""
-    B, C, H, W = x.shape
-    x = x.reshape(B, C, H // p, p, W // p, p)                               # (B, C, h, p, w, q)
-    return torch.einsum("nchpwq->nhwpqc", x).reshape(B, (H // p) * (W // p), p * p * C)
-
-
-def unpatchify(x, p, h, w, C=3):
-    """(B, N, p*p*C) -> (B, C, h*p, w*p); inverse of patchify."""
-    B = x.shape[0]
-    x = x.reshape(B, h, w, p, p, C)                                           # (B, h, w, p, q, c)
-    return torch.einsum("nhwpqc->nchpwq", x).reshape(B, C, h * p, w * p)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -265,12 +250,35 @@ class Stage:
     init: bool       # starts from the EMA weights of a previous stage (--init_from)
 
 
-STAGES = {"maetok": {
-    "main": Stage(trains=("",), keep_aux=True, mask="drawn", init=False),
-    # paper: encoder frozen, aux decoders discarded, mask ratio 60% -> 0 over 50K steps (official code: absent)
-    "decoder_finetune": Stage(trains=("decoder.",), keep_aux=False, mask="anneal", init=True),
-}}
-NO_DECAY = ("pos_embed", "cls_token", "mask_token", "latent_tokens", "rope.freqs")  # embeddings: no weight decay
+STAGES = {
+    "maetok": {
+        "main": Stage(trains=("",), keep_aux=True, mask="drawn", init=False),
+        # paper: encoder frozen, aux decoders discarded, mask ratio 60% -> 0 over 50K steps (official code: absent)
+        "decoder_finetune": Stage(trains=("decoder.",), keep_aux=False, mask="anneal", init=True),
+    },
+    "mactok": {
+        "main": Stage(trains=("",), keep_aux=True, mask="drawn", init=False),
+        # paper: encoder frozen, decoder trained without masks; the KL and the alignment heads go (constant or
+        # unused once the encoder is frozen), z is still sampled from the posterior (wave2-spec b.6)
+        "decoder_finetune": Stage(trains=("decoder.",), keep_aux=False, mask="none", init=True),
+    },
+}
+# what a stage without the training-only parts drops, per family (and every released-style checkpoint)
+TRAIN_ONLY = {"maetok": dict(aux_targets=()), "mactok": dict(align=(), kl_weight=0.0, mask_tokens="none")}
+NO_DECAY = ("pos_embed", "cls_token", "mask_token", "latent_tokens", "rope.freqs", "recon_token", "gamma")
+
+
+def param_groups(model, stage, weight_decay):
+    """AdamW groups of what `stage` trains (the rest, and what the model calls frozen, is frozen): decay on
+    >= 2-D non-embedding weights."""
+    trains = STAGES[model.cfg.family][stage].trains
+    frozen = model.frozen() if hasattr(model, "frozen") else ()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(trains) and name not in frozen)
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and not name.endswith(NO_DECAY) else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -294,6 +302,7 @@ class MAETok(nn.Module):
     # the interface every family shares
     image_size = property(lambda self: self.cfg.image_size)
     latent_shape = property(lambda self: (self.cfg.num_latent_tokens, self.cfg.latent_dim))  # (L, C)
+    last_layer = property(lambda self: self.decoder.head.weight)  # the GAN's adaptive weight is taken here
     grid = None  # 1D tokens: no (H, W) grid
 
     def target_dim(self, name):
@@ -329,14 +338,7 @@ class MAETok(nn.Module):
                 m.ada[-1].bias.data.view(4, D)[1::2] = self.cfg.mod_scale_init
 
     def param_groups(self, stage, weight_decay):
-        """AdamW groups of what `stage` trains (the rest is frozen): decay on >= 2-D non-embedding weights."""
-        trains = STAGES[self.cfg.family][stage].trains
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            p.requires_grad_(name.startswith(trains))
-            if p.requires_grad:
-                (decay if p.ndim >= 2 and not name.endswith(NO_DECAY) else no_decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return param_groups(self, stage, weight_decay)
 
     def bottleneck(self, h):
         """The one place where the bottleneck lives. MAETok is a plain AE: no noise, no KL, no normalisation
@@ -356,7 +358,11 @@ class MAETok(nn.Module):
         c = self.cfg
         return sample_mask_ratio(c.mask_ratio_min, c.mask_ratio, c.mask_ratio_std, generator)
 
-    def sample_mask(self, B, device, ratio=None):
+    def teach(self, x):
+        """The teacher outputs the mask and the forward share (MacTok); MAETok's targets plug in per aux decoder."""
+        return None
+
+    def sample_mask(self, B, device, ratio=None, teacher=None):
         """A training mask (B, N): a given ratio (decoder fine-tuning schedule) or one drawn (official).
         Drawn outside the (compiled) forward, so the graph sees a bool tensor of fixed shape."""
         ratio = self.draw_mask_ratio() if ratio is None else ratio
@@ -372,9 +378,9 @@ class MAETok(nn.Module):
         cos = F.cosine_similarity(pred.float(), target.float(), dim=-1).unsqueeze(-1)
         return -(cos * m).sum() / m.sum()
 
-    def forward(self, x, mask=None):
+    def forward(self, x, mask=None, teacher=None):
         """x (B, 3, H, W) in [-1, 1], mask (B, N) or None -> {'rec': reconstruction, 'pixel', one term per aux
-        target (masked tokens only, so only with a mask), 'loss': their sum}."""
+        target (masked tokens only, so only with a mask), 'loss': their sum}. (No shared teacher: unused.)"""
         z = self.encode(x, mask)                                              # (B, L, H)
         x_rec = self.decode(z)                                                # (B, 3, H, W)
         out = {"pixel": F.mse_loss(x_rec.float(), x.float())}                 # all pixels (official)
@@ -421,7 +427,18 @@ RECIPES = {
                                                                  mask_anneal_steps=500, eval_every=500,
                                                                  grid_every=500, ckpt_every=500)}},
 }
-FAMILIES = {"maetok": (TokenizerConfig, MAETok)}
+RECIPES.update({
+    # MacTok (wave2-spec b.6): 250K steps at batch 256, 5K warmup, lr 1e-4 (SoftVQ; the paper lost it), center crop
+    "MacTok-B-128": {"main": dict(max_steps=250_000, global_batch_size=256, lr=1e-4, warmup_steps=5000,
+                                  disc_start=20_000, aux_targets="", crop="center"),
+                     "decoder_finetune": dict(max_steps=50_000, global_batch_size=256, lr=1e-4, warmup_steps=0,
+                                              min_lr_ratio=1.0, disc_start=0, aux_targets="", crop="center")},
+    "MacTok-tiny": {"main": {**_TINY, "aux_targets": "", "teacher": "none"},
+                    "decoder_finetune": {**_TINY, "aux_targets": "", "max_steps": 500, "warmup_steps": 20}},
+})
+RECIPES["MacTok-B-64"] = RECIPES["MacTok-B-128"]
+PRESETS.update(MACTOK_PRESETS)
+FAMILIES = {"maetok": (TokenizerConfig, MAETok), "mactok": (MacTokConfig, MacTok)}
 
 
 def make_config(preset, **overrides):
@@ -432,8 +449,8 @@ def make_config(preset, **overrides):
 
 
 def stage_config(cfg, stage):
-    """The config a stage trains: decoder fine-tuning drops the aux decoders."""
-    return cfg if STAGES[cfg.family][stage].keep_aux else replace(cfg, aux_targets=())
+    """The config a stage trains: decoder fine-tuning drops the training-only parts (aux decoders, alignment)."""
+    return cfg if STAGES[cfg.family][stage].keep_aux else replace(cfg, **TRAIN_ONLY[cfg.family])
 
 
 def build(cfg):
@@ -453,7 +470,8 @@ def config_from_dict(d):
 def comparable_config(d):
     """A tokenizer config as it reads back from JSON (tuples become lists), aux decoders aside: what a latent
     cache and a diffusion checkpoint record to check that latents come from the same tokenizer."""
-    return json.loads(json.dumps({**d, "family": d.get("family", "maetok"), "aux_targets": []}))
+    d = {**d, "family": d.get("family", "maetok")}
+    return json.loads(json.dumps({**d, **{k: [] for k in ("aux_targets", "align") if k in d}}))
 
 
 def from_checkpoint(ckpt, ema=True):
@@ -463,8 +481,9 @@ def from_checkpoint(ckpt, ema=True):
     if isinstance(ckpt, str):
         import engine  # lazy: engine -> released -> tokenizer
         ckpt = engine.load_checkpoint(ckpt)
-    cfg = replace(config_from_dict(ckpt["config"]), aux_targets=())
+    cfg = config_from_dict(ckpt["config"])
+    cfg = replace(cfg, **TRAIN_ONLY[cfg.family])
     sd = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
     model = build(cfg)
-    model.load_state_dict({k: v for k, v in sd.items() if not k.startswith("aux.")})
+    model.load_state_dict({k: v for k, v in sd.items() if not k.startswith(("aux.", "align."))})
     return model.eval().requires_grad_(False)

@@ -27,16 +27,17 @@ from tqdm import tqdm
 import data
 import engine
 from discriminator import Discriminator, GANLoss, ProxyDiscTrunk, dino_discriminator
-from pretrained import DINOV2_ARCHS, SIGLIP_SO400M, dinov2_target, load_dino_disc_trunk, load_lpips, siglip_target
+from mactok import DINOv2Teacher, ProxyTeacher
+from pretrained import (DINOV2_ARCHS, SIGLIP_SO400M, dinov2_target, load_dino_disc_trunk, load_dinov2, load_lpips,
+                        siglip_target)
 from proxy import load_proxy
-from tokenizer import (PRESETS, RECIPES, STAGES, build, config_from_dict, make_config, random_mask, stage_config,
-                       unpatchify)
+from tokenizer import (PRESETS, RECIPES, STAGES, build, config_from_dict, make_config, param_groups, random_mask,
+                       stage_config, unpatchify)
 
 # flags a resumed run may change; every other flag is restored from the checkpoint
 RESUME_FLAGS = ("max_steps", "decay_steps", "log_every", "eval_every", "ckpt_every", "grid_every", "num_workers",
                 "compile", "keep_checkpoints", "eval_images", "resume", "vgg_ckpt", "dinov2_ckpt", "siglip_ckpt",
-                "dino_ckpt",
-                "disc_proxy_ckpt")
+                "dino_ckpt", "disc_proxy_ckpt", "teacher_proxy_ckpt", "encoder_ckpt")
 ALL_STAGES = sorted({s for stages in STAGES.values() for s in stages})
 AUX_TARGETS = ("hog", "dinov2", "siglip")
 
@@ -61,8 +62,26 @@ def parse_args(argv=None):
     p.add_argument("--siglip_ckpt", default=None,
                    help="local SigLIP SO400M/14 file: OpenCLIP open_clip_pytorch_model.bin of "
                         "timm/ViT-SO400M-14-SigLIP (default: its Hugging Face URL)")
-    p.add_argument("--mask_ratio", type=float, default=0.6, help="max mask ratio (truncated-normal peak)")
-    p.add_argument("--mask_ratio_min", type=float, default=0.4, help="min mask ratio")
+    p.add_argument("--mask_ratio", type=float, default=0.6, help="MAETok: max mask ratio (truncated-normal peak)")
+    p.add_argument("--mask_ratio_min", type=float, default=0.4, help="MAETok: min mask ratio")
+    # MacTok (defaults: its preset's config)
+    p.add_argument("--kl_weight", type=float, default=None, help="MacTok: KL weight (KL summed over L*C; 1e-6)")
+    p.add_argument("--mask_ratio_max", type=float, default=None, help="MacTok: r = min(U(0,1), this) (0.7)")
+    p.add_argument("--semantic_mask_prob", type=float, default=None,
+                   help="MacTok: probability per sample of teacher-guided rather than random masking (0.5)")
+    p.add_argument("--mask_tokens", default=None, choices=["image", "latent", "none"],
+                   help="MacTok: mask image tokens (paper), latent tokens (appendix control) or nothing")
+    p.add_argument("--align", default=None, help="MacTok: alignment terms among local,global ('' for none)")
+    p.add_argument("--align_weight", type=float, default=None, help="MacTok: weight of the alignment sum (0.1)")
+    p.add_argument("--teacher", default="dinov2", choices=["dinov2", "proxy", "none"],
+                   help="MacTok: the teacher of semantic masking and alignment (DINOv2 of --dinov2_arch; offline: "
+                        "a proxy.py classifier)")
+    p.add_argument("--teacher_proxy_ckpt", default=None, help="--teacher proxy: a proxy.py checkpoint")
+    p.add_argument("--encoder_init", default=None, choices=["dinov2", "scratch"],
+                   help="MacTok: encoder from the DINOv2 of its width (paper) or from scratch (default: preset)")
+    p.add_argument("--encoder_ckpt", default=None, help="local DINOv2 file for --encoder_init dinov2")
+    p.add_argument("--crop", default=None, choices=["random", "center"],
+                   help="training crop: random-resized (MAETok) or center (MacTok); default: the preset's")
     p.add_argument("--global_batch_size", type=int, default=512, help="images per optimizer step, all ranks")
     p.add_argument("--micro_batch_size", type=int, default=None,
                    help="images per forward on one rank (default: global/world); sets gradient accumulation")
@@ -127,6 +146,8 @@ def validate(p, args):
          "need --disc_start >= 0 and non-negative --disc_weight, --lecam_weight, --cr_weight"),
         (args.disc != "proxy" or args.disc_proxy_ckpt, "--disc proxy needs --disc_proxy_ckpt (train one: python "
                                                        "proxy.py --seed 1 --width 8 --out results/disc_proxy.pt)"),
+        (args.teacher != "proxy" or args.teacher_proxy_ckpt, "--teacher proxy needs --teacher_proxy_ckpt (train "
+                                                             "one: python proxy.py --out results/proxy.pt)"),
         (args.image_size is None or args.image_size > 0, "--image_size must be positive"),
         (args.builtin_size > 0 and args.eval_images > 0, "--builtin_size and --eval_images must be positive"),
         (set(args.aux_targets.split(",")) <= {"", *AUX_TARGETS},
@@ -135,6 +156,51 @@ def validate(p, args):
     for ok, msg in checks:
         if not ok:
             p.error(msg)
+
+
+def maetok_overrides(args):
+    over = {"aux_targets": tuple(t for t in args.aux_targets.split(",") if t),
+            "mask_ratio": args.mask_ratio, "mask_ratio_min": args.mask_ratio_min,
+            "feature_dims": {"dinov2": DINOV2_ARCHS[args.dinov2_arch][0], "siglip": SIGLIP_SO400M[0]}}
+    return {**over, **{k: getattr(args, k) for k in ("image_size", "rope") if getattr(args, k)}}
+
+
+def mactok_overrides(args):
+    keys = ("kl_weight", "mask_ratio_max", "semantic_mask_prob", "mask_tokens", "align_weight", "encoder_init",
+            "image_size")
+    over = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    if args.align is not None:
+        over["align"] = tuple(t for t in args.align.split(",") if t)
+    if args.teacher == "none":  # no teacher: random masking only, no alignment
+        over.update(align=(), semantic_mask_prob=0.0)
+    else:
+        over["teacher_dim"] = (DINOV2_ARCHS[args.dinov2_arch][0] if args.teacher == "dinov2"
+                               else load_proxy(args.teacher_proxy_ckpt).cfg.feature_dim)
+    return over
+
+
+def build_teacher(args, cfg, device):
+    """MacTok's teacher (semantic masking, alignment): frozen, outside the checkpoint, reported by name."""
+    try:
+        if args.teacher == "dinov2":
+            return DINOv2Teacher(dinov2_target(cfg.image_size, cfg.patch_size, args.dinov2_arch, "patch",
+                                               args.dinov2_ckpt)).to(device)
+        return ProxyTeacher(load_proxy(args.teacher_proxy_ckpt), cfg.grid_size).to(device)
+    except (RuntimeError, FileNotFoundError, KeyError, ValueError) as e:
+        sys.exit(f"error: MacTok teacher: {e} (or train without one: --teacher none)")
+
+
+def init_encoder_from_dinov2(model, args, cfg):
+    """MacTok's encoder from the official DINOv2 of its width, converted to its patch size and grid."""
+    arch = {384: "vits14", 768: "vitb14", 1024: "vitl14"}.get(cfg.enc_width)
+    if arch is None or cfg.enc_depth != DINOV2_ARCHS[arch][1]:
+        sys.exit(f"error: no DINOv2 has width {cfg.enc_width} and depth {cfg.enc_depth}: --encoder_init scratch")
+    try:
+        vit = load_dinov2(arch, ckpt=args.encoder_ckpt, patch_size=cfg.patch_size, grid=cfg.grid_size)
+    except (RuntimeError, FileNotFoundError, KeyError) as e:
+        sys.exit(f"error: MacTok encoder init: {e} (or --encoder_init scratch)")
+    model.encoder.vit.load_state_dict(vit.state_dict())
+    return arch
 
 
 def build_gan(args, ckpt, init, device, ddp, local):
@@ -231,18 +297,15 @@ def main(argv=None):
         cfg = stage_config(config_from_dict(init["config"]), args.stage)
     else:
         engine.apply_recipe(args, RECIPES.get(args.preset, {}).get(args.stage, {}), explicit)
-        over = {"aux_targets": tuple(t for t in args.aux_targets.split(",") if t),
-                "mask_ratio": args.mask_ratio, "mask_ratio_min": args.mask_ratio_min,
-                "feature_dims": {"dinov2": DINOV2_ARCHS[args.dinov2_arch][0], "siglip": SIGLIP_SO400M[0]}}
-        over.update({k: getattr(args, k) for k in ("image_size", "rope") if getattr(args, k)})
-        cfg = make_config(args.preset, **over)
+        family = make_config(args.preset).family
+        cfg = make_config(args.preset, **(maetok_overrides(args) if family == "maetok" else mactok_overrides(args)))
     if args.decay_steps is None:
         args.decay_steps = args.max_steps
     validate(p, args)
     stage = STAGES[cfg.family][args.stage]
     if cfg.image_size % cfg.patch_size:
         sys.exit(f"error: --image_size {cfg.image_size} is not a multiple of the patch size {cfg.patch_size}")
-    if ddp and stage.mask == "drawn" and cfg.aux_targets and cfg.mask_ratio == 0:
+    if ddp and stage.mask == "drawn" and getattr(cfg, "aux_targets", ()) and getattr(cfg, "mask_ratio", 1) == 0:
         sys.exit("error: with masking off (--mask_ratio 0) the aux decoders get no gradient, which DDP cannot "
                  "reduce: give a mask ratio > 0 or --aux_targets ''")
     micro, accum = engine.micro_batching(args.global_batch_size, args.micro_batch_size, world)
@@ -254,7 +317,7 @@ def main(argv=None):
                    if args.val_data_path or args.data_path == data.BUILTIN else train_src)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    train_ds = data.ImageDataset(train_src, cfg.image_size, train=True, seed=args.seed)
+    train_ds = data.ImageDataset(train_src, cfg.image_size, train=True, seed=args.seed, crop=args.crop or "random")
     val_ds = data.ImageDataset(val_src, cfg.image_size, train=False, seed=args.seed)
     eval_idx = data.balanced_subset(val_src.labels, args.eval_images, args.seed)  # every class, not the first n
     steps_per_epoch = math.ceil(len(train_ds) / world) // (micro * accum)
@@ -267,8 +330,10 @@ def main(argv=None):
     model = build(cfg).to(device)
     if init is not None:  # start from the EMA weights of the previous stage
         sd = init.get("ema") or init["model"]
-        model.load_state_dict({k: v for k, v in sd.items() if not k.startswith("aux.")})
-    groups = model.param_groups(args.stage, args.weight_decay)              # freezes what the stage does not train
+        model.load_state_dict({k: v for k, v in sd.items() if not k.startswith(("aux.", "align."))})
+    if cfg.family == "mactok" and cfg.encoder_init == "dinov2" and ckpt is None and init is None:
+        init_encoder_from_dinov2(model, args, cfg)
+    groups = param_groups(model, args.stage, args.weight_decay)             # freezes what the stage does not train
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=device.type == "cuda")
     step = 0
@@ -290,6 +355,9 @@ def main(argv=None):
         except (RuntimeError, FileNotFoundError, KeyError) as e:
             sys.exit(f"error: DINOv2 target: {e} (or train without it: --aux_targets hog)")
         model.set_feature_target("dinov2", teacher)
+    if cfg.family == "mactok" and args.teacher != "none" and (
+            cfg.align or (cfg.mask_tokens == "image" and cfg.semantic_mask_prob > 0)):
+        model.set_teacher(build_teacher(args, cfg, device))
     if "siglip" in model.aux:
         try:
             teacher = siglip_target(cfg.patch_size, args.siglip_ckpt).to(device)
@@ -342,15 +410,15 @@ def main(argv=None):
     pairs = []  # (x, detached reconstruction) of each G micro-batch, for the D step
 
     def loss_fn(fwd, batch):
-        x, mask, pw, adversarial = batch
-        out = fwd(x, mask)
+        x, mask, teacher, pw, adversarial = batch
+        out = fwd(x, mask, teacher)
         nll = out["pixel"]
         if lpips is not None:
             out["lpips"] = lpips(out["rec"].float(), x).mean()
             nll = nll + pw * out["lpips"]
             out["loss"] = out["loss"] + pw * out["lpips"]
         if adversarial:  # the adaptive weight balances the GAN against reconstruction + perceptual only
-            term, logs = gan.generator_term(out["rec"], nll, model.decoder.head.weight)
+            term, logs = gan.generator_term(out["rec"], nll, model.last_layer)
             out["loss"] = out["loss"] + term
             out.update(logs)
             pairs.append((x, out["rec"].detach()))
@@ -368,7 +436,8 @@ def main(argv=None):
             x, _, n_bad = next(stream)
             skipped[0] += int(n_bad.sum())
             x = x.to(device, non_blocking=True)
-            yield x, model.sample_mask(len(x), device, mask_ratio), pw, adversarial
+            teacher = model.teach(x)  # once per micro-batch, on the unmasked image (MacTok); None for MAETok
+            yield x, model.sample_mask(len(x), device, mask_ratio, teacher), teacher, pw, adversarial
 
     grid_idx = [eval_idx[j] for j in data.balanced_subset([val_src.labels[i] for i in eval_idx], 8, args.seed)]
     grid_x = torch.stack([val_ds[i][0] for i in grid_idx]).to(device)
@@ -382,6 +451,8 @@ def main(argv=None):
         mask_ratio = None  # 'drawn': a ratio per batch
         if stage.mask == "anneal":
             mask_ratio = cfg.mask_ratio * max(0.0, 1 - step / max(1, args.mask_anneal_steps))
+        elif stage.mask == "none":
+            mask_ratio = 0.0
         log_now = args.log_every > 0 and ((step + 1) % args.log_every == 0 or step + 1 == args.max_steps)
         terms = engine.accumulate(fwd, micro_batches(step, mask_ratio), accum, loss_fn, ctx, ddp)
         gnorm = engine.clip_gradients(model.parameters(), args.grad_clip, measure=log_now)
@@ -422,8 +493,15 @@ def main(argv=None):
             psnr = eval_psnr(ema, val_ds, eval_idx, rank, world, device, ctx)
             log(f"step {step}: held-out PSNR (EMA, {len(eval_idx)} images) {psnr:.2f} dB")
             run.metrics({"step": step, "eval_psnr_ema": psnr})
+            if hasattr(ema, "diagnostics"):  # MacTok's posterior-collapse diagnostics
+                x = torch.stack([val_ds[i][0] for i in eval_idx[:1000]]).to(device)
+                d = ema.diagnostics(x)
+                log(f"step {step}: KL per element {d['kl_per_element']:.4f}, active units {d['active_units']}/"
+                    f"{d['num_units']}, PSNR of D(mu) {d['psnr_mu']:.2f} dB against D(0) {d['psnr_prior']:.2f} dB")
+                run.metrics({"step": step, **{f"eval_{k}": v for k, v in d.items()}})
         if rank == 0 and args.grid_every > 0 and (step % args.grid_every == 0 or step == args.max_steps):
-            save_grid(model, ema, grid_x, args.mask_ratio if mask_ratio is None else mask_ratio,
+            vis = getattr(cfg, "mask_ratio", getattr(cfg, "mask_ratio_max", 0.0))
+            save_grid(model, ema, grid_x, vis if mask_ratio is None else mask_ratio,
                       os.path.join(run.dir, "grids", f"{step:07d}.png"), ctx)
         if (args.ckpt_every > 0 and step % args.ckpt_every == 0) or step == args.max_steps:
             checkpoint(step)

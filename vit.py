@@ -6,7 +6,7 @@ trunks (pretrained.py) and the SiT / LightningDiT denoisers (diffusion.py).
   RoPE2D      2D RoPE on a span of grid tokens: 'mixed' (learnable 2D frequencies, Heo et al. 2024, the MAETok
               official rope_utils.py) or 'axial'; interleaved (even, odd) pairs, angles in fp32
   RoPEHalf    rotate-half RoPE from a precomputed angle table (LightningDiT VisionRotaryEmbeddingFast)
-  MLP, SwiGLU, LayerScale, Block (pre-norm, optional LayerScale)
+  MLP, SwiGLU, LayerScale, Block (pre-norm, optional LayerScale); patchify / unpatchify
 Parameter names follow the official checkpoints (qkv, proj, fc1/fc2, w12/w3, ls1.gamma, q_norm, k_norm) so
 that official weights load strictly.
 """
@@ -21,6 +21,20 @@ def grid_positions(h, w, device=None):
     """Integer (x, y) patch coordinates of a row-major h x w grid: (h*w, 2); x = i mod w, y = i div w."""
     i = torch.arange(h * w, device=device)
     return torch.stack([i % w, i // w], dim=-1).float()
+
+
+def patchify(x, p):
+    """(B, C, H, W) -> (B, N, p*p*C), patches row-major, features ordered (p, q, c) as the official 'nhwpqc'."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // p, p, W // p, p)                               # (B, C, h, p, w, q)
+    return torch.einsum("nchpwq->nhwpqc", x).reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def unpatchify(x, p, h, w, C=3):
+    """(B, N, p*p*C) -> (B, C, h*p, w*p); inverse of patchify."""
+    B = x.shape[0]
+    x = x.reshape(B, h, w, p, p, C)                                           # (B, h, w, p, q, c)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(B, C, h * p, w * p)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ import torch
 from scipy import stats
 
 from conftest import golden
-from tokenizer import HOG, PRESETS, MAETok, make_config, patchify, random_mask, sample_mask_ratio, unpatchify
+from tokenizer import HOG, PRESETS, MAETok, make_config, random_mask, sample_mask_ratio
+from vit import patchify, unpatchify
 from vit import RoPE2D, apply_rope, grid_positions
 
 
@@ -109,7 +110,7 @@ def test_hog_properties():
 
 
 def test_forward_shapes_every_preset():
-    for name in PRESETS:
+    for name in (n for n, p in PRESETS.items() if p["family"] == "maetok"):
         cfg = make_config(name, enc_depth=1, dec_depth=1)  # full width and resolution, shallow for speed
         model = MAETok(cfg).train()
         x = torch.rand(1, 3, cfg.image_size, cfg.image_size) * 2 - 1

@@ -161,7 +161,8 @@ def test_torchrun_two_process_cpu_smoke(tmp_path, disc_proxy):
     assert r.returncode != 0 and "aux decoders get no gradient" in r.stderr
     # the GAN under DDP (gloo): heads in their own DDP, BatchNorm per rank, LeCAM EMAs all-reduced
     r = subprocess.run(cmd[:-2] + ["--results_dir", str(tmp_path / "gan"), *disc_proxy, "--disc_start", "1"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     run = next(Path(tmp_path / "gan").iterdir())
     m = metrics(run)
@@ -238,6 +239,7 @@ def test_missing_teacher_and_discriminator_weights_are_clear_errors(tmp_path, mo
                                          r"ViT-SO400M-14-SigLIP.*--siglip_ckpt"):
         train_tokenizer.main(BASE + ["--aux_targets", "hog,siglip", "--max_steps", "1", "--results_dir", str(tmp_path)])
     p, args, explicit = train_tokenizer.parse_args([])  # the paper's run: all three targets and the GAN
-    assert (args.aux_targets, args.disc, args.disc_start, args.disc_weight) == ("hog,dinov2,siglip", "dino", 30_000, 0.4)
+    assert (args.aux_targets, args.disc, args.disc_start, args.disc_weight) == \
+        ("hog,dinov2,siglip", "dino", 30_000, 0.4)
     r = _cli("--preset", "tiny", "--disc", "proxy")
     assert r.returncode == 2 and "--disc proxy needs --disc_proxy_ckpt" in r.stderr

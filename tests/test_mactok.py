@@ -1,0 +1,217 @@
+"""MacTok (mactok.py): KL closed forms, the masking law, semantic top-k, alignment, diagnostics, the DINOv2 encoder
+init, and training through train_tokenizer.py."""
+import json
+import os
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from conftest import golden, golden_tensor
+from mactok import MacTok, kl_divergence, top_k_mask
+from tokenizer import build, make_config, stage_config
+
+
+def _tiny(**kw):
+    torch.manual_seed(0)
+    return build(make_config("MacTok-tiny", **kw))
+
+
+def test_kl_closed_forms_and_normalisation():
+    mu, lv = torch.zeros(3, 4, 5), torch.zeros(3, 4, 5)
+    assert kl_divergence(mu, lv).item() == 0
+    m = torch.randn(3, 4, 5)
+    torch.testing.assert_close(kl_divergence(m, lv), 0.5 * (m ** 2).sum() / 3)  # summed over L*C, mean over B
+    lv = torch.randn(3, 4, 5)
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(m, (0.5 * lv).exp()),
+                                            torch.distributions.Normal(0.0, 1.0)).sum((1, 2)).mean()
+    torch.testing.assert_close(kl_divergence(m, lv), ref, atol=1e-5, rtol=1e-5)
+    model = _tiny()
+    with torch.no_grad():
+        model.encoder.to_moments.bias[8:] = 25.0  # logvar 25 -> clamped to 20
+        model.encoder.to_moments.weight.zero_()
+        _, logvar = model.moments(torch.zeros(1, 3, 32, 32))
+    assert (logvar == 20).all()
+
+
+def test_training_samples_the_posterior_and_encode_is_its_mean():
+    model = _tiny().train()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.manual_seed(5)
+        out = model(x)
+        mu, lv = model.moments(x)
+        torch.manual_seed(5)
+        z = mu + (0.5 * lv).exp() * torch.randn_like(mu)
+        torch.testing.assert_close(out["rec"], model.decode(z))
+        torch.testing.assert_close(model.eval().encode(x), mu)
+        assert torch.equal(model.encode(x), model.encode(x))
+    assert out["loss"].item() == pytest.approx(out["pixel"].item() + 1e-6 * out["kl"].item(), rel=1e-6)
+
+
+def test_mask_ratio_law_and_strategy_choice():
+    model = _tiny(semantic_mask_prob=0.5)
+    N = model.cfg.num_patches
+    torch.manual_seed(0)
+    counts = torch.cat([model.sample_mask(1000, "cpu").sum(1) for _ in range(10)])
+    r_max_count = int(torch.ceil(torch.tensor(0.7 * N)))
+    assert counts.max() == r_max_count and counts.min() >= 0
+    # P(r = r_max) = 0.3, plus the u in ((count - 1) / N, 0.7] that round up to the same count
+    assert abs((counts == r_max_count).float().mean().item() - (0.3 + 0.7 - (r_max_count - 1) / N)) < 0.015
+    # semantic or random per sample with probability 0.5: a teacher whose score ranks patches by index
+    cls = torch.zeros(10_000, 2)
+    cls[:, 0] = 1
+    theta = torch.linspace(0.1, 1.5, N)
+    teacher = {"cls": cls, "patches": torch.stack([theta.cos(), theta.sin()], -1).expand(10_000, N, 2)}
+    torch.manual_seed(1)
+    mask = model.sample_mask(10_000, "cpu", teacher=teacher)
+    n = mask.sum(1)
+    semantic = (mask == (torch.arange(N) < n[:, None])).all(1)  # exactly the k smallest angles
+    frac = semantic[n > 3].float().mean().item()  # tiny counts are ambiguous with random
+    assert abs(frac - 0.5) < 0.02
+    assert model.sample_mask(4, "cpu", ratio=0.0) is None
+
+
+def test_top_k_is_exact_with_ties_by_index():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.9], [1.0, 1.0, 1.0, 1.0]])
+    m = top_k_mask(scores, torch.tensor([2, 3]))
+    assert m.tolist() == [[False, True, False, True], [True, True, True, False]]
+
+
+def test_alignment_local_expansion_zero_loss_and_global_permutation_invariance():
+    model = _tiny()
+    B, L, C = 2, 32, 8
+    z = torch.randn(B, L, C)
+    with torch.no_grad():
+        h = model.align["local"](z)                                           # (B, L, Dt)
+        teacher = {"patches": 3.0 * h.repeat_interleave(2, dim=1), "cls": 2.0 * model.align["global"](z.mean(1))}
+        out = model.align_losses(z, teacher)
+        assert out["align_local"].abs().item() < 1e-6 and out["align_global"].abs().item() < 1e-6
+        expanded = h.repeat_interleave(2, dim=1)
+        assert all(torch.equal(expanded[:, j], h[:, j // 2]) for j in range(64))
+        perm = model.align_losses(z[:, torch.randperm(L)], {**teacher, "patches": torch.randn(B, 64, 256)})
+        torch.testing.assert_close(perm["align_global"], out["align_global"], atol=1e-6, rtol=0)
+    teacher = {"patches": torch.randn(B, 64, 256), "cls": torch.randn(B, 256)}
+    loss = model(torch.rand(B, 3, 32, 32) * 2 - 1, None, teacher)["loss"]
+    loss.backward()
+    assert model.encoder.to_moments.weight.grad.abs().sum() > 0 and model.align["local"][0].weight.grad is not None
+
+
+def test_active_units_and_prior_decode(monkeypatch):
+    model = _tiny().eval()
+    x = torch.rand(64, 3, 32, 32) * 2 - 1
+
+    def moments(x, mask=None):
+        mu = torch.zeros(x.shape[0], 32, 8)
+        mu[:, 0, :5] = x[:, 0, 0, :5] * 3                                      # exactly 5 units vary with x
+        return mu, torch.zeros_like(mu)
+    monkeypatch.setattr(model, "moments", moments)
+    d = model.diagnostics(x)
+    assert d["active_units"] == 5 and d["num_units"] == 256 and d["kl_per_element"] > 0
+
+
+def test_encoder_init_from_dinov2_matches_official_fixture():
+    from pretrained import dinov2_to_patch
+    fx = golden("timm_dinov2_p16_256.pt")
+    sd = {k: golden_tensor(k, s) for k, s, _ in fx["state_dict_keys"]}
+    cfg = make_config("MacTok-B-128", enc_width=96, enc_depth=3, enc_heads=3, dec_width=96, dec_depth=1,
+                      dec_heads=3, num_latent_tokens=16, latent_dim=8, align=(), teacher_dim=96)
+    model = MacTok(cfg).eval()
+    model.encoder.vit.load_state_dict(dinov2_to_patch(sd, 16, 16))          # what --encoder_init dinov2 loads
+    x = fx["inputs"]["x256"].float()
+    with torch.no_grad():
+        f = model.encoder.vit.forward_features(x)
+        got = torch.cat([f["x_norm_clstoken"][:, None], f["x_norm_patchtokens"]], 1)
+        torch.testing.assert_close(got, fx["outputs"]["forward_features"], atol=1e-5, rtol=1e-4)
+        z = model.encode(torch.rand(1, 3, 256, 256) * 2 - 1)
+    assert z.shape == (1, 16, 8) and cfg.encoder_init == "dinov2"
+
+
+def test_paper_sizes_and_decoder_finetune_config():
+    with torch.device("meta"):
+        model = build(make_config("MacTok-B-128"))
+    n = sum(p.numel() for p in model.parameters())  # 172.1M tokenizer + 4.3M alignment heads: the paper's 176M
+    assert abs(n / 176e6 - 1) < 0.01, n
+    ft = stage_config(make_config("MacTok-tiny"), "decoder_finetune")
+    assert ft.align == () and ft.kl_weight == 0 and ft.mask_tokens == "none"
+
+
+def test_forward_shapes_paper_presets():
+    for name, L in (("MacTok-B-128", 128), ("MacTok-B-64", 64)):
+        model = build(make_config(name, enc_depth=1, dec_depth=1, encoder_init="scratch")).train()
+        x = torch.rand(1, 3, 256, 256) * 2 - 1
+        teacher = {"cls": torch.randn(1, 1024), "patches": torch.randn(1, 256, 1024)}
+        mask = model.sample_mask(1, "cpu", teacher=teacher)
+        out = model(x, mask, teacher)
+        assert out["rec"].shape == x.shape and model.encode(x).shape == (1, L, 32) and mask.shape == (1, 256)
+        assert {"pixel", "kl", "align_local", "align_global", "loss"} <= set(out)
+
+
+def test_latent_token_masking_control():
+    model = _tiny(mask_tokens="latent")
+    mask = model.sample_mask(4, "cpu")
+    assert mask.shape == (4, 32)
+    out = model(torch.rand(4, 3, 32, 32) * 2 - 1, mask)
+    out["loss"].backward()
+    assert model.latent_mask_token.grad is not None or not mask.any()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# through train_tokenizer.py
+
+BASE = ["--preset", "MacTok-tiny", "--global_batch_size", "8", "--lr", "1e-3", "--warmup_steps", "2",
+        "--perceptual_weight", "0", "--builtin_size", "40", "--num_workers", "0", "--log_every", "1",
+        "--eval_every", "-1", "--grid_every", "-1", "--ema_decay", "0.9"]
+
+
+@pytest.fixture
+def proxy_teacher(tmp_path_factory):
+    from proxy import ProxyConfig, ProxyNet
+    torch.manual_seed(2)
+    net = ProxyNet(ProxyConfig(32, 10, width=4, feature_dim=32))
+    path = tmp_path_factory.mktemp("teacher") / "proxy.pt"
+    torch.save({"model": net.state_dict(), "proxy_config": asdict(net.cfg), "val_accuracy": 0.0}, path)
+    return ["--teacher", "proxy", "--teacher_proxy_ckpt", str(path)]
+
+
+def _metrics(run):
+    return [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl"))]
+
+
+def test_mactok_trains_resumes_exactly_and_fine_tunes(tmp_path, proxy_teacher):
+    import train_tokenizer
+    args = BASE + proxy_teacher
+    full = train_tokenizer.main(args + ["--max_steps", "4", "--results_dir", str(tmp_path / "a"),
+                                        "--eval_every", "4", "--eval_images", "16"])
+    half = train_tokenizer.main(args + ["--max_steps", "2", "--decay_steps", "4", "--results_dir", str(tmp_path / "b"),
+                                        "--eval_every", "4", "--eval_images", "16"])
+    train_tokenizer.main(args + ["--max_steps", "4", "--resume", half])
+    a, b = ([r for r in _metrics(run) if "loss" in r] for run in (full, half))  # the training records
+    assert {"pixel", "kl", "align_local", "align_global", "loss"} <= set(a[0]) and len(a) == len(b) == 4
+    for ra, rb in zip(a, b):
+        for k in set(ra) - {"img_per_s"}:
+            assert ra[k] == rb[k], (ra["step"], k)
+    assert "eval_active_units" in _metrics(full)[-1] and "KL per element" in open(os.path.join(full, "log.txt")).read()
+    ck = torch.load(os.path.join(full, "checkpoints", "0000004.pt"), weights_only=True)
+    assert ck["config"]["teacher_dim"] == 32 and any(k.startswith("align.") for k in ck["model"])
+    from tokenizer import from_checkpoint
+    tok = from_checkpoint(ck)
+    assert not any(k.startswith("align.") for k in tok.state_dict())
+    ft = train_tokenizer.main(BASE + ["--max_steps", "2", "--results_dir", str(tmp_path), "--stage",
+                                      "decoder_finetune", "--init_from", full])
+    s2 = torch.load(os.path.join(ft, "checkpoints", "0000002.pt"), weights_only=True)
+    enc = [k for k in s2["model"] if k.startswith("encoder.")]
+    assert enc and all(torch.equal(s2["model"][k], ck["ema"][k]) for k in enc)
+    assert not any(k.startswith("align.") for k in s2["model"]) and "kl" in _metrics(ft)[0]
+    assert s2["config"]["kl_weight"] == 0 and s2["config"]["mask_tokens"] == "none"
+
+
+def test_offline_teacher_and_encoder_init_are_clear_errors(tmp_path, monkeypatch):
+    import train_tokenizer
+    def offline(*a, **k):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(SystemExit, match=r"dinov2_vitl14_pretrain\.pth.*--dinov2_ckpt.*--teacher none"):
+        train_tokenizer.main(BASE + ["--teacher", "dinov2", "--max_steps", "1", "--results_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no DINOv2 has width 160"):
+        train_tokenizer.main(BASE + ["--encoder_init", "dinov2", "--max_steps", "1", "--results_dir", str(tmp_path)])
