@@ -78,6 +78,17 @@ def kl_divergence(mu, logvar):
     return 0.5 * (mu.float() ** 2 + logvar.float().exp() - 1 - logvar.float()).sum() / mu.shape[0]
 
 
+def sample_posterior(mu, logvar):
+    """z = mu + sigma * eps, eps ~ N(0, I) (the reparameterisation)."""
+    return mu + (0.5 * logvar).exp() * torch.randn_like(mu)
+
+
+def draw_mask_ratios(B, r_max, generator=None):
+    """MacTok's ratio per sample (CPU RNG: no host sync): r = min(u, r_max), u ~ U(0, 1), so P(r = r_max) =
+    1 - r_max and r | r < r_max is uniform on [0, r_max) ([CHOICE] for the paper's lost 'clipped uniform')."""
+    return torch.rand(B, generator=generator).clamp(max=r_max)
+
+
 def top_k_mask(scores, counts):
     """scores (B, N), counts (B,) -> bool (B, N) with the counts[b] highest scores of each row True (ties by
     index, the lower index first)."""
@@ -142,7 +153,7 @@ class MacTokDecoder(nn.Module):
 
 
 class MacTok(nn.Module):
-    TRAIN_ONLY = ("align.",)  # dropped from released-style checkpoints
+    TRAIN_ONLY = ("align.", "latent_mask_token")  # dropped from released-style checkpoints and stage 2
 
     def __init__(self, cfg: MacTokConfig):
         super().__init__()
@@ -216,7 +227,7 @@ class MacTok(nn.Module):
         if c.mask_tokens == "none" or ratio == 0:
             return None
         n = c.num_patches if c.mask_tokens == "image" else c.num_latent_tokens
-        r = torch.full((B,), float(ratio)) if ratio is not None else torch.rand(B).clamp(max=c.mask_ratio_max)
+        r = torch.full((B,), float(ratio)) if ratio is not None else draw_mask_ratios(B, c.mask_ratio_max)
         counts = torch.ceil(r * n).long()
         scores = torch.rand(B, n)
         semantic = torch.rand(B) < c.semantic_mask_prob if teacher is not None and c.mask_tokens == "image" \
@@ -242,7 +253,7 @@ class MacTok(nn.Module):
         c = self.cfg
         image_mask = mask if c.mask_tokens == "image" else None
         mu, logvar = self.moments(x, image_mask)
-        z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)                  # a posterior sample
+        z = sample_posterior(mu, logvar)                                      # (B, L, C) a posterior sample
         if c.mask_tokens == "latent" and mask is not None:                   # the appendix control
             z = torch.where(mask.unsqueeze(-1), self.latent_mask_token.to(z.dtype), z)
         x_rec = self.decode(z)

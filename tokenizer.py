@@ -285,6 +285,8 @@ def param_groups(model, stage, weight_decay):
 # the tokenizer
 
 class MAETok(nn.Module):
+    TRAIN_ONLY = ("aux.",)  # dropped from released-style checkpoints and stage 2
+
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
         assert cfg.image_size % cfg.patch_size == 0, "image_size must be a multiple of patch_size"
@@ -485,5 +487,5 @@ def from_checkpoint(ckpt, ema=True):
     cfg = replace(cfg, **TRAIN_ONLY[cfg.family])
     sd = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
     model = build(cfg)
-    model.load_state_dict({k: v for k, v in sd.items() if not k.startswith(("aux.", "align."))})
+    model.load_state_dict({k: v for k, v in sd.items() if not k.startswith(model.TRAIN_ONLY)})
     return model.eval().requires_grad_(False)

@@ -330,7 +330,7 @@ def main(argv=None):
     model = build(cfg).to(device)
     if init is not None:  # start from the EMA weights of the previous stage
         sd = init.get("ema") or init["model"]
-        model.load_state_dict({k: v for k, v in sd.items() if not k.startswith(("aux.", "align."))})
+        model.load_state_dict({k: v for k, v in sd.items() if not k.startswith(model.TRAIN_ONLY)})
     if cfg.family == "mactok" and cfg.encoder_init == "dinov2" and ckpt is None and init is None:
         init_encoder_from_dinov2(model, args, cfg)
     groups = param_groups(model, args.stage, args.weight_decay)             # freezes what the stage does not train

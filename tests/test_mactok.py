@@ -6,9 +6,10 @@ from dataclasses import asdict
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import golden, golden_tensor
-from mactok import MacTok, kl_divergence, top_k_mask
+from mactok import MacTok, draw_mask_ratios, kl_divergence, sample_posterior, top_k_mask
 from tokenizer import build, make_config, stage_config
 
 
@@ -32,6 +33,41 @@ def test_kl_closed_forms_and_normalisation():
         model.encoder.to_moments.weight.zero_()
         _, logvar = model.moments(torch.zeros(1, 3, 32, 32))
     assert (logvar == 20).all()
+
+
+def test_kl_matches_monte_carlo_and_the_sample_has_the_posterior_moments():
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(1, 2, 3), torch.randn(1, 2, 3)
+    z = sample_posterior(mu.expand(200_000, -1, -1), logvar.expand(200_000, -1, -1))
+    sd = (0.5 * logvar).exp()
+    log_q = torch.distributions.Normal(mu, sd).log_prob(z)
+    log_p = torch.distributions.Normal(0.0, 1.0).log_prob(z)
+    mc = (log_q - log_p).sum((1, 2)).mean()
+    assert abs(mc.item() - kl_divergence(mu, logvar).item()) < 0.03
+    se_mean, se_var = sd / 200_000 ** 0.5, sd ** 2 * (2 / 200_000) ** 0.5
+    assert ((z.mean(0) - mu[0]).abs() < 4 * se_mean[0]).all()
+    assert ((z.var(0) - sd[0] ** 2).abs() < 4 * se_var[0]).all()
+
+
+def test_mask_ratio_is_the_clipped_uniform():
+    from scipy import stats
+    r = draw_mask_ratios(100_000, 0.7, torch.Generator().manual_seed(0))
+    assert abs((r == 0.7).float().mean().item() - 0.3) < 0.005
+    assert stats.kstest((r[r < 0.7] / 0.7).numpy(), "uniform").pvalue > 0.01
+
+
+def test_tiny_mactok_overfits_one_batch():
+    model = _tiny(mask_tokens="none", enc_width=64, enc_heads=2, dec_width=64, dec_heads=2, enc_depth=1,
+                  dec_depth=1).train()  # narrower than MacTok-tiny, for speed: 300 steps in about 4 s
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    for _ in range(300):
+        loss = model(x)["pixel"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():  # the posterior mean reconstructs the batch (0.24 at the start, the image variance)
+        assert F.mse_loss(model.eval().decode(model.encode(x)), x).item() < 0.01
 
 
 def test_training_samples_the_posterior_and_encode_is_its_mean():
@@ -154,6 +190,10 @@ def test_latent_token_masking_control():
     out = model(torch.rand(4, 3, 32, 32) * 2 - 1, mask)
     out["loss"].backward()
     assert model.latent_mask_token.grad is not None or not mask.any()
+    from dataclasses import asdict as _asdict
+    from tokenizer import from_checkpoint  # the control's token is training-only: inference drops it
+    tok = from_checkpoint({"config": _asdict(model.cfg), "model": model.state_dict(), "ema": None})
+    assert tok.latent_mask_token is None and tok.cfg.mask_tokens == "none"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -215,3 +255,34 @@ def test_offline_teacher_and_encoder_init_are_clear_errors(tmp_path, monkeypatch
         train_tokenizer.main(BASE + ["--teacher", "dinov2", "--max_steps", "1", "--results_dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="no DINOv2 has width 160"):
         train_tokenizer.main(BASE + ["--encoder_init", "dinov2", "--max_steps", "1", "--results_dir", str(tmp_path)])
+
+
+def test_the_chain_runs_on_a_mactok_checkpoint(tmp_path):
+    """cache_latents (posterior mean and its flip), train_diffusion, sample and evaluate on a MacTok tokenizer."""
+    import cache_latents
+    import evaluate
+    import sample
+    import train_diffusion
+    from data import BuiltinSource, ImageDataset, LatentCache
+    from engine import save_checkpoint
+    model = _tiny(enc_depth=1, dec_depth=1, align=()).eval()
+    tok = str(tmp_path / "mactok.pt")
+    save_checkpoint({"model": model.state_dict(), "ema": model.state_dict(), "step": 0, "config": asdict(model.cfg),
+                     "args": {}}, tok)
+    cache = str(tmp_path / "cache")
+    cache_latents.main(["--tokenizer_ckpt", tok, "--cache_path", cache, "--builtin_size", "16", "--num_workers", "0"])
+    c = LatentCache(cache)
+    x = torch.stack([ImageDataset(BuiltinSource(32, 16), 32, train=False)[i][0] for i in range(16)])
+    with torch.no_grad():
+        mu = model.encode(x)
+    s = c.shards[0]
+    torch.testing.assert_close(s["latents"][:len(s["latents"])].float(), mu[:len(s["latents"])], atol=2e-3, rtol=2e-3)
+    run = train_diffusion.main(["--model", "tiny", "--cache_path", cache, "--global_batch_size", "8", "--max_steps", "2",
+                                "--log_every", "1", "--grid_every", "-1", "--num_workers", "0",
+                                "--results_dir", str(tmp_path / "dit")])
+    sample.main(["--ckpt", run, "--classes", "0,1", "--seeds", "0", "--num_steps", "2",
+                 "--out", str(tmp_path / "grid.png")])
+    assert os.path.exists(tmp_path / "grid.png")
+    res = evaluate.main(["latent", "--ckpt", tok, "--num_images", "40", "--gmm_k", "1",
+                         "--out", str(tmp_path / "lat.json")])
+    assert 0 <= res["linear_probe_accuracy"] <= 1
