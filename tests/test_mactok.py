@@ -58,10 +58,10 @@ def test_mask_ratio_is_the_clipped_uniform():
 
 def test_tiny_mactok_overfits_one_batch():
     model = _tiny(mask_tokens="none", enc_width=64, enc_heads=2, dec_width=64, dec_heads=2, enc_depth=1,
-                  dec_depth=1).train()  # narrower than MacTok-tiny, for speed: 300 steps in about 4 s
+                  dec_depth=1).train()  # narrower than MacTok-tiny, for speed: 400 steps in about 4 s
     x = torch.rand(4, 3, 32, 32) * 2 - 1
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
-    for _ in range(300):
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)  # 5e-3 sometimes stays on the mean-colour plateau
+    for _ in range(400):
         loss = model(x)["pixel"]
         opt.zero_grad()
         loss.backward()
