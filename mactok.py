@@ -293,9 +293,7 @@ class DINOv2Teacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, x):
-        t = self.target
-        x = ((x.float() + 1) / 2 - t.mean) / t.std
-        f = t.vit.forward_features(x)
+        f = self.target.vit.forward_features(self.target.normalize(x))
         return {"cls": f["x_norm_clstoken"], "patches": f["x_norm_patchtokens"]}
 
 

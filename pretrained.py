@@ -485,20 +485,36 @@ def load_dino_v1(ckpt=None, state_dict=None, cfg=None):
     return load_strict(DinoViT(cfg), sd, "official DINO v1 ViT-S/16")
 
 
-class DINOv2Target(nn.Module):
+class FeatureTarget(nn.Module):
+    """A frozen ViT as a per-patch feature target: image in [-1, 1] -> ImageNet normalisation (the official MAETok
+    code feeds SigLIP ImageNet statistics too, not its native 0.5 / 0.5) -> forward_features (B, N, D)."""
+
+    def __init__(self, vit):
+        super().__init__()
+        self.vit = vit
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def normalize(self, x):
+        return ((x.float() + 1) / 2 - self.mean) / self.std
+
+    @torch.no_grad()
+    def forward(self, x):
+        return self.vit.forward_features(self.normalize(x))
+
+
+class DINOv2Target(FeatureTarget):
     """A frozen DINOv2 as a per-patch feature target: image (B, 3, H, W) in [-1, 1] -> (B, grid^2, D).
     mode 'patch' (default; official MAETok): a teacher converted to the tokenizer's patch size, fed the image at
     its own resolution. 'resize' (REPA / AlignTok): bicubic resize to grid*14 px, patch 14 kept."""
 
     def __init__(self, vit, grid, mode="patch"):
-        super().__init__()
-        self.vit, self.grid, self.mode = vit, grid, mode
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        super().__init__(vit)
+        self.grid, self.mode = grid, mode
 
     @torch.no_grad()
     def forward(self, x):
-        x = ((x.float() + 1) / 2 - self.mean) / self.std
+        x = self.normalize(x)
         if self.mode == "resize":
             x = F.interpolate(x, size=(self.grid * 14, self.grid * 14), mode="bicubic", align_corners=False)
         return self.vit.forward_features(x)["x_norm_patchtokens"]
@@ -558,21 +574,6 @@ def siglip_state_dict(sd, patch_size):
     if "patch_embed.proj.weight" in sd and sd["patch_embed.proj.weight"].shape[-1] != patch_size:
         sd["patch_embed.proj.weight"] = resample_patch_embed(sd["patch_embed.proj.weight"], patch_size)
     return sd
-
-
-class FeatureTarget(nn.Module):
-    """A frozen ViT as a per-patch feature target: image in [-1, 1] -> ImageNet normalisation (the official MAETok
-    code feeds SigLIP ImageNet statistics too, not its native 0.5 / 0.5) -> forward_features (B, N, D)."""
-
-    def __init__(self, vit):
-        super().__init__()
-        self.vit = vit
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-
-    @torch.no_grad()
-    def forward(self, x):
-        return self.vit.forward_features(((x.float() + 1) / 2 - self.mean) / self.std)
 
 
 def siglip_target(patch_size=16, ckpt=None, state_dict=None, arch=SIGLIP_SO400M):

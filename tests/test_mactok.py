@@ -286,3 +286,21 @@ def test_the_chain_runs_on_a_mactok_checkpoint(tmp_path):
     res = evaluate.main(["latent", "--ckpt", tok, "--num_images", "40", "--gmm_k", "1",
                          "--out", str(tmp_path / "lat.json")])
     assert 0 <= res["linear_probe_accuracy"] <= 1
+
+
+def test_dinov2_teacher_gives_cls_and_patch_features_on_the_token_grid():
+    from mactok import DINOv2Teacher
+    from pretrained import ViTConfig, dinov2_target
+    fx = golden("timm_dinov2_p16_256.pt")
+    sd = {k: golden_tensor(k, s) for k, s, _ in fx["state_dict_keys"]}
+    teacher = DINOv2Teacher(dinov2_target(256, 16, state_dict=sd, cfg=ViTConfig(96, 3, 3)))
+    x = torch.rand(2, 3, 256, 256) * 2 - 1
+    out = teacher(x)
+    f = teacher.target.vit.forward_features(teacher.target.normalize(x))
+    assert out["cls"].shape == (2, 96) and out["patches"].shape == (2, 256, 96)
+    assert torch.equal(out["cls"], f["x_norm_clstoken"]) and torch.equal(out["patches"], teacher.target(x))
+    model = build(make_config("MacTok-B-128", enc_depth=1, dec_depth=1, encoder_init="scratch", teacher_dim=96,
+                              semantic_mask_prob=1.0))
+    mask = model.sample_mask(2, "cpu", ratio=0.25, teacher=out)
+    cos = torch.nn.functional.cosine_similarity(out["cls"][:, None], out["patches"], dim=-1)
+    assert torch.equal(mask, top_k_mask(cos, torch.full((2,), 64)))  # semantic: the 64 most cls-like patches
