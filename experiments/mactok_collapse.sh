@@ -4,7 +4,7 @@
 # 500 steps per run. A pilot sweep of the KL weight without masking picks beta*, the smallest weight where the
 # tokenizer collapses; at beta* it compares no masking, MacTok's random masking and the latent-token control; then,
 # at a weight that does not collapse, the alignment / semantic-masking add-ons with the proxy classifier as the
-# teacher. Linear probe of mu on 2000 held-out images (chance 10%). Run from the repo root; ~30 min on 2 cores.
+# teacher. Linear probe of mu on 2000 held-out images (chance 10%). Run from the repo root; ~35 min on 2 cores.
 set -euo pipefail
 OUT=${OUT:-results/mactok}
 TEACHER=${TEACHER:-results/quickstart/proxy.pt}
