@@ -84,8 +84,7 @@ def bench_gan(args, device, ctx):
     """MAETok-B-128 with the DINO discriminator (random weights): the generator step with and without the GAN term
     (one D pass with gradient through the frozen trunk, the adaptive weight) and the D step (4 D passes, trunk
     without autograd, heads backward), each with its AdamW step."""
-    from discriminator import GANLoss, dino_discriminator
-    from pretrained import DinoDiscTrunk
+    from discriminator import DinoDiscTrunk, GANLoss, dino_discriminator
     B = args.batch_size
     model = build(make_config("MAETok-B-128")).to(device).train()
     disc = dino_discriminator(DinoDiscTrunk().to(device).eval().requires_grad_(False)).to(device)

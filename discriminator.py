@@ -3,7 +3,7 @@ The adversarial stack of MAETok, which MacTok reuses (official continuous_tokeni
 discriminator_dino.py, utils/diff_aug.py, losses/vq_loss.py; ../shared/notes/wave2-spec.md section a).
 
   diff_augment     DiffAugment (Zhao et al. 2020) with the official policies, per-batch gates and RNG call order
-  Discriminator    trainable heads on the activations of a frozen trunk: the DINO ViT-S/16 trunk of pretrained.py
+  Discriminator    trainable heads on the activations of a frozen trunk: DinoDiscTrunk, the official DINO ViT-S/16
                    (5 heads of 384 channels, 7,386,245 parameters, 980 logits per image) or, offline,
                    ProxyDiscTrunk (the stages of a proxy CNN)
   hinge_d, hinge_g, lecam_reg, adaptive_weight
@@ -15,6 +15,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from pretrained import DINO_V1_URL, IMAGENET_MEAN, IMAGENET_STD, DinoViT, ViTConfig, load_official, load_strict
 
 GEN_POLICY = "color,translation,cutout_0.2"     # G step and D step (weak), gate probability 0.5
 STRONG_POLICY = "color,translation,cutout_0.5"  # consistency regularisation, probability 1
@@ -130,6 +132,53 @@ class Discriminator(nn.Module):
         with torch.set_grad_enabled(trunk_grad and torch.is_grad_enabled()):
             acts = self.trunk(x)                                            # [(B, C_k, T_k)] fp32
         return torch.cat([h(a).flatten(1) for h, a in zip(self.heads, acts)], dim=1).float()
+
+
+class DinoDiscTrunk(nn.Module):
+    """The frozen DINO ViT-S/16 trunk of the MAETok / MacTok DINO discriminator (continuous_tokenizer
+    FrozenDINOSmallNoDrop): own ImageNet normalisation of [-1, 1] input, resize to 224 (area when larger, else
+    bicubic; a random 224 crop with probability 1/2 when both sides exceed 224), tanh GELU, no position
+    interpolation, no final norm. Returns [after pos-embed] + [after block i for i in key_depths], each
+    patches + cls as (B, D, 196)."""
+
+    def __init__(self, cfg=None, key_depths=(2, 5, 8, 11)):
+        super().__init__()
+        cfg = cfg or ViTConfig(384, 12, 6, patch_size=16, img_size=224, layerscale=False)
+        self.vit = DinoViT(ViTConfig(**{**cfg.__dict__, "gelu": "tanh"}))
+        self.key_depths = tuple(key_depths)
+        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        self.register_buffer("x_scale", (0.5 / std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("x_shift", ((0.5 - mean) / std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x, generator=None):
+        with torch.autocast(x.device.type, enabled=False):  # preprocessing and pos-embed in fp32 (official)
+            x = x.float() * self.x_scale + self.x_shift
+            H, W = x.shape[-2:]
+            if H > 224 and W > 224 and torch.rand((), generator=generator) < 0.5:
+                i, j = (int(torch.randint(n - 224 + 1, (), generator=generator)) for n in (H, W))
+                x = x[..., i:i + 224, j:j + 224]
+            else:
+                x = F.interpolate(x, size=(224, 224), mode="area" if H > 224 else "bicubic")
+            t = self.vit.prepare_tokens(x)                                   # 224 px: the stored grid, as is
+        acts = [t]
+        for i, blk in enumerate(self.vit.blocks[:max(self.key_depths) + 1]):
+            t = blk(t)
+            if i in self.key_depths:
+                acts.append(t)
+        return [(a[:, 1:] + a[:, :1]).transpose(1, 2).float() for a in acts]  # (B, D, N) each, fp32
+
+
+def load_dino_disc_trunk(ckpt=None, state_dict=None, cfg=None, key_depths=(2, 5, 8, 11)):
+    """DinoDiscTrunk from the official DINO v1 file, with the key bias zeroed as DinoDisc.__init__ does."""
+    sd = dict(state_dict if state_dict is not None else load_official(DINO_V1_URL, ckpt, "--dino_ckpt"))
+    for k in [k for k in sd if k.endswith("attn.qkv.bias")]:
+        b = sd[k].clone()
+        D = b.shape[0] // 3
+        b[D:2 * D] = 0  # the key bias cannot change softmax attention; the official code drops it
+        sd[k] = b
+    trunk = DinoDiscTrunk(cfg, key_depths)
+    load_strict(trunk.vit, sd, "official DINO v1 ViT-S/16")
+    return trunk.eval().requires_grad_(False)
 
 
 class ProxyDiscTrunk(nn.Module):

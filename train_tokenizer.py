@@ -26,10 +26,9 @@ from tqdm import tqdm
 
 import data
 import engine
-from discriminator import Discriminator, GANLoss, ProxyDiscTrunk, dino_discriminator
+from discriminator import Discriminator, GANLoss, ProxyDiscTrunk, dino_discriminator, load_dino_disc_trunk
 from mactok import DINOv2Teacher, ProxyTeacher
-from pretrained import (DINOV2_ARCHS, SIGLIP_SO400M, dinov2_target, load_dino_disc_trunk, load_dinov2, load_lpips,
-                        siglip_target)
+from pretrained import DINOV2_ARCHS, SIGLIP_SO400M, dinov2_target, load_dinov2, load_lpips, siglip_target
 from proxy import load_proxy
 from tokenizer import (PRESETS, RECIPES, STAGES, build, config_from_dict, make_config, param_groups, random_mask,
                        stage_config, unpatchify)

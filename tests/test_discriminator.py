@@ -59,7 +59,8 @@ def test_heads_match_official_fixture_train_and_eval():
 
 
 def test_trunk_and_heads_end_to_end_on_official_fixture():
-    from pretrained import ViTConfig, load_dino_disc_trunk
+    from discriminator import load_dino_disc_trunk
+    from pretrained import ViTConfig
     fx, heads_sd, trunk_sd = _heads_fixture()
     trunk = load_dino_disc_trunk(state_dict=trunk_sd, cfg=ViTConfig(96, 3, 3, patch_size=16, img_size=224,
                                                                      layerscale=False), key_depths=(1, 2))

@@ -157,7 +157,8 @@ def test_dinov2_patch16_conversion_matches_timm_fixture():
 
 
 def test_dino_v1_and_disc_trunk_match_official_fixture():
-    from pretrained import ViTConfig, load_dino_disc_trunk, load_dino_v1
+    from discriminator import load_dino_disc_trunk
+    from pretrained import ViTConfig, load_dino_v1
     fx = golden("dino_v1_vits16_custom.pt")
     cfg = ViTConfig(96, 3, 3, patch_size=16, img_size=224, layerscale=False)
     sd = _rule_state_dict(fx)
