@@ -22,11 +22,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrained import DinoViT, ViTConfig
-from vit import Block, grid_positions, unpatchify
+from vit import Block, PatchGrid, grid_positions, unpatchify
 
 
 @dataclass
-class MacTokConfig:
+class MacTokConfig(PatchGrid):
     family: str = "mactok"
     image_size: int = 256
     patch_size: int = 16
@@ -53,14 +53,6 @@ class MacTokConfig:
     align_weight: float = 0.1
     align_hidden: int = 1024
     teacher_dim: int = 1024        # DINOv2-L (the SoftVQ / MAETok teacher); the proxy's feature_dim offline
-
-    @property
-    def grid_size(self):
-        return self.image_size // self.patch_size
-
-    @property
-    def num_patches(self):
-        return self.grid_size ** 2
 
 
 def sincos_2d(dim, grid):

@@ -27,11 +27,11 @@ import torch.nn.functional as F
 
 from mactok import PRESETS as MACTOK_PRESETS
 from mactok import MacTok, MacTokConfig
-from vit import MLP, Attention, Block, RoPE2D, grid_positions, unpatchify
+from vit import MLP, Attention, Block, PatchGrid, RoPE2D, grid_positions, unpatchify
 
 
 @dataclass
-class TokenizerConfig:
+class TokenizerConfig(PatchGrid):
     family: str = "maetok"  # the key of FAMILIES: which model class this config builds
     image_size: int = 256
     patch_size: int = 16
@@ -66,14 +66,6 @@ class TokenizerConfig:
     aux_heads: int = 3
     # output dims of pluggable feature targets (DINOv2-L width, SigLIP SO400M width); HOG's is computed
     feature_dims: dict = field(default_factory=lambda: {"dinov2": 1024, "siglip": 1152})
-
-    @property
-    def grid_size(self):
-        return self.image_size // self.patch_size
-
-    @property
-    def num_patches(self):
-        return self.grid_size ** 2
 
 
 # ----------------------------------------------------------------------------------------------------------

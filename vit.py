@@ -23,6 +23,18 @@ def grid_positions(h, w, device=None):
     return torch.stack([i % w, i // w], dim=-1).float()
 
 
+class PatchGrid:
+    """The patch grid of a config with image_size and patch_size (every tokenizer family's config)."""
+
+    @property
+    def grid_size(self):
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self):
+        return self.grid_size ** 2
+
+
 def patchify(x, p):
     """(B, C, H, W) -> (B, N, p*p*C), patches row-major, features ordered (p, q, c) as the official 'nhwpqc'."""
     B, C, H, W = x.shape

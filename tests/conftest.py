@@ -15,6 +15,14 @@ GOLDEN = ROOT.parent / "shared" / "golden"
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture
+def offline(monkeypatch):
+    """No network, as on the machines without internet: every official download fails."""
+    def fail(*a, **k):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fail)
+
+
 def golden(name):
     """Load a conformance fixture; skip when ../shared/golden is absent, fail if NANOTOK_REQUIRE_GOLDEN=1."""
     path = GOLDEN / name

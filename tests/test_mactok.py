@@ -246,11 +246,8 @@ def test_mactok_trains_resumes_exactly_and_fine_tunes(tmp_path, proxy_teacher):
     assert s2["config"]["kl_weight"] == 0 and s2["config"]["mask_tokens"] == "none"
 
 
-def test_offline_teacher_and_encoder_init_are_clear_errors(tmp_path, monkeypatch):
+def test_offline_teacher_and_encoder_init_are_clear_errors(tmp_path, offline):
     import train_tokenizer
-    def offline(*a, **k):
-        raise ConnectionError("no network")
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(SystemExit, match=r"dinov2_vitl14_pretrain\.pth.*--dinov2_ckpt.*--teacher none"):
         train_tokenizer.main(BASE + ["--teacher", "dinov2", "--max_steps", "1", "--results_dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="no DINOv2 has width 160"):

@@ -50,10 +50,7 @@ def test_lpips_equals_reference_package():
         torch.testing.assert_close(ours(x0, x1), ref(x0, x1), atol=1e-5, rtol=1e-4)
 
 
-def test_offline_without_path_is_a_clear_error(monkeypatch, tmp_path):
-    def offline(*a, **k):
-        raise ConnectionError("no network")
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+def test_offline_without_path_is_a_clear_error(offline, tmp_path):
     with pytest.raises(RuntimeError, match=r"vgg16-397923af\.pth.*https://download\.pytorch\.org.*--vgg_ckpt"):
         load_lpips()
     with pytest.raises(FileNotFoundError, match="--vgg_ckpt"):
@@ -180,11 +177,8 @@ def test_dino_v1_and_disc_trunk_match_official_fixture():
         _close(got, ref)
 
 
-def test_wrong_checkpoint_and_offline_errors_name_the_file_and_flag(monkeypatch):
+def test_wrong_checkpoint_and_offline_errors_name_the_file_and_flag(offline):
     from pretrained import load_dino_v1, load_dinov2, load_inception
-    def offline(*a, **k):
-        raise ConnectionError("no network")
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(RuntimeError, match=r"pt_inception-2015-12-05-6726825d\.pth.*github.com.*--inception_ckpt"):
         load_inception()
     with pytest.raises(RuntimeError, match=r"dinov2_vitl14_reg4_pretrain\.pth.*--dinov2_ckpt"):

@@ -229,10 +229,7 @@ def test_gan_in_stage_two_is_on_from_the_first_step(tmp_path, disc_proxy):
     assert s2["args"]["disc_start"] == 0 and n == [5, 10]  # 5 D passes per step; stage 2 continues stage 1's D
 
 
-def test_missing_teacher_and_discriminator_weights_are_clear_errors(tmp_path, monkeypatch):
-    def offline(*a, **k):
-        raise ConnectionError("no network")
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+def test_missing_teacher_and_discriminator_weights_are_clear_errors(tmp_path, offline):
     with pytest.raises(SystemExit, match=r"dino_deitsmall16_pretrain\.pth.*--dino_ckpt.*--disc none"):
         train_tokenizer.main(BASE + ["--disc", "dino", "--max_steps", "1", "--results_dir", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"open_clip_pytorch_model\.bin from https://huggingface\.co/timm/"
