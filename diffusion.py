@@ -8,7 +8,9 @@ MAETok / AlignTok / MacTok papers the patch size is 1: each latent token (1D) or
 
 Conventions (DESIGN.md): latents are (B, L, C), channel last. Time: x_t = (1 - t) x + t eps, t = 1 is noise,
 velocity target v = eps - x, samplers integrate t from 1 to 0 (the REPA / MAETok convention; SiT and LightningDiT
-themselves use t = 0 as noise, see ../shared/notes/official-implementations.md C.1).
+themselves use t = 0 as noise, see ../shared/notes/official-implementations.md C.1). Their released weights
+load with `sit_time` on (released.py): DiT.forward then feeds the network 1 - t and negates what it returns, the
+one place the two conventions meet, so every sampler and caller sees ours.
 """
 import math
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vit import MLP, Attention, RoPEHalf, SwiGLU
+from vit import MLP, Attention, RoPETable, SwiGLU
 
 
 @dataclass
@@ -26,6 +28,10 @@ class DiTConfig:
     in_channels: int = 32       # latent channels C
     num_tokens: int = 128       # L (for a grid latent, grid[0] * grid[1])
     grid: tuple = None          # (H, W) of a 2D grid latent; None for 1D tokens
+    patch_size: int = 1         # grids: p x p cells per token (SiT-XL/2 on SD-VAE latents: 2); the papers use 1
+    learn_sigma: bool = False   # SiT / DiT: the final layer also predicts a variance half, which is dropped
+    pos_embed: str = "sincos"   # 'sincos' (MAE / DiT halves) or 'sincos_interleaved' (MAETok's 1D SiT table)
+    sit_time: bool = False      # weights trained with t = 0 as noise (SiT, LightningDiT): forward converts
     width: int = 1152
     depth: int = 28
     heads: int = 16
@@ -49,8 +55,11 @@ def sincos_1d(dim, pos):
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
 
-def sincos_pos_embed(dim, num_tokens, grid=None):
-    """(N, dim): 1D over token index, or 2D (DiT get_2d_sincos_pos_embed: half the dims per axis)."""
+def sincos_pos_embed(dim, num_tokens, grid=None, interleaved=False):
+    """(N, dim): 1D over token index, or 2D (DiT get_2d_sincos_pos_embed: half the dims per axis). interleaved:
+    continuous_tokenizer's positionalencoding1d, sin at the even dims and cos at the odd ones (its 1D SiT)."""
+    if interleaved:
+        return torch.from_numpy(sincos_1d(dim, np.arange(num_tokens))).float().unflatten(1, (2, -1)).mT.flatten(1)
     if grid is None:
         return torch.from_numpy(sincos_1d(dim, np.arange(num_tokens))).float()
     h, w = grid
@@ -60,7 +69,8 @@ def sincos_pos_embed(dim, num_tokens, grid=None):
 
 
 def rope_table(head_dim, num_tokens, grid=None, theta=10000.0):
-    """(N, head_dim) angles for rotate-half RoPE; for grids half the pairs follow the row, half the column."""
+    """(cos, sin) tables (N, head_dim) of RoPE on interleaved pairs (LightningDiT's EVA VisionRotaryEmbeddingFast:
+    each angle twice in place); for grids the first half of the pairs follows the row, the second the column."""
     if grid is None:
         pos = [torch.arange(num_tokens, dtype=torch.float32)]
     else:
@@ -69,8 +79,8 @@ def rope_table(head_dim, num_tokens, grid=None, theta=10000.0):
         pos = [(i // w).float(), (i % w).float()]
     d = head_dim // (2 * len(pos))                                            # rotated pairs per axis
     freqs = theta ** (-torch.arange(d, dtype=torch.float32) / d)
-    ang = torch.cat([p[:, None] * freqs for p in pos], dim=1)                 # (N, head_dim/2)
-    return torch.cat([ang, ang], dim=1)                                       # (N, head_dim)
+    ang = torch.cat([p[:, None] * freqs for p in pos], dim=1).repeat_interleave(2, dim=1)  # (N, head_dim)
+    return ang.cos(), ang.sin()
 
 
 class TimestepEmbedder(nn.Module):
@@ -127,7 +137,7 @@ class DiTBlock(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.norm1, self.norm2 = make_norm(cfg.norm, cfg.width, False), make_norm(cfg.norm, cfg.width, False)
-        self.attn = Attention(cfg.width, cfg.heads, RoPEHalf() if cfg.rope else None, cfg.qk_norm)
+        self.attn = Attention(cfg.width, cfg.heads, RoPETable() if cfg.rope else None, cfg.qk_norm)
         self.mlp = feed_forward(cfg)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 6 * cfg.width))
 
@@ -142,7 +152,8 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.norm = make_norm(cfg.norm, cfg.width, False)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 2 * cfg.width))
-        self.linear = nn.Linear(cfg.width, cfg.in_channels)                    # patch size 1: one token -> C
+        out = cfg.patch_size ** 2 * cfg.in_channels * (2 if cfg.learn_sigma else 1)
+        self.linear = nn.Linear(cfg.width, out)                               # one token -> its p x p cells
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
@@ -159,15 +170,24 @@ class DiT(nn.Module):
         super().__init__()
         if cfg.grid is not None and cfg.grid[0] * cfg.grid[1] != cfg.num_tokens:
             raise ValueError(f"grid {cfg.grid} does not hold {cfg.num_tokens} tokens")
+        p = cfg.patch_size
+        if p > 1 and (cfg.grid is None or cfg.grid[0] % p or cfg.grid[1] % p):
+            raise ValueError(f"patch_size {p} needs a grid latent divisible by it (grid {cfg.grid})")
+        if cfg.pos_embed not in ("sincos", "sincos_interleaved"):
+            raise ValueError(f"pos_embed {cfg.pos_embed!r}: choose 'sincos' or 'sincos_interleaved'")
         self.cfg = cfg
-        self.x_embedder = nn.Linear(cfg.in_channels, cfg.width)                # patch size 1 on (B, L, C)
+        grid = None if cfg.grid is None else (cfg.grid[0] // p, cfg.grid[1] // p)  # the token grid
+        tokens = cfg.num_tokens // p ** 2
+        self.x_embedder = nn.Linear(p * p * cfg.in_channels, cfg.width)        # = SiT's Conv2d(C, D, p, stride p)
         self.t_embedder = TimestepEmbedder(cfg.width)
         self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.width, cfg.class_dropout) if cfg.num_classes else None
-        # SiT's fixed sin-cos APE; LightningDiT keeps it and adds RoPE
-        pe = sincos_pos_embed(cfg.width, cfg.num_tokens, cfg.grid)[None]          # numpy-made: on the CPU
+        # SiT's fixed sin-cos APE; LightningDiT keeps it and adds RoPE. Computed, not stored: released.py checks
+        # that an official file's stored tables are these
+        pe = sincos_pos_embed(cfg.width, tokens, grid, cfg.pos_embed == "sincos_interleaved")[None]  # on the CPU
         self.register_buffer("pos_embed", pe.to(torch.get_default_device()), persistent=False)
-        self.register_buffer("rope", rope_table(cfg.width // cfg.heads, cfg.num_tokens, cfg.grid)
-                             if cfg.rope else None, persistent=False)
+        cos, sin = rope_table(cfg.width // cfg.heads, tokens, grid) if cfg.rope else (None, None)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg)
         self.initialize_weights()
@@ -188,15 +208,36 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
+    def patchify(self, x):
+        """(B, H*W, C) grid -> (B, H*W/p^2, p*p*C), each token's cells in (row, column, channel) order."""
+        p, (H, W), C = self.cfg.patch_size, self.cfg.grid, x.shape[-1]
+        x = x.view(x.shape[0], H // p, p, W // p, p, C).permute(0, 1, 3, 2, 4, 5)  # (B, h, w, p, p, C)
+        return x.reshape(x.shape[0], -1, p * p * C)
+
+    def unpatchify(self, x):
+        """The inverse (SiT's 'nhwpqc->nchpwq'), keeping the first C channels (learn_sigma drops the rest)."""
+        p, (H, W), C = self.cfg.patch_size, self.cfg.grid, self.cfg.in_channels
+        x = x.view(x.shape[0], H // p, W // p, p, p, -1)[..., :C].permute(0, 1, 3, 2, 4, 5)  # (B, h, p, w, p, C)
+        return x.reshape(x.shape[0], H * W, C)
+
     def forward(self, x, t, y=None):
-        h = self.x_embedder(x) + self.pos_embed                               # (B, L, D)
+        if self.cfg.sit_time:  # SiT / LightningDiT weights: their t = 1 - ours, their velocity = -ours
+            return -self.network(x, 1 - t, y)
+        return self.network(x, t, y)
+
+    def network(self, x, t, y):
+        p = self.cfg.patch_size
+        h = self.x_embedder(self.patchify(x) if p > 1 else x) + self.pos_embed  # (B, T, D)
         c = self.t_embedder(t)                                                # (B, D)
         if self.y_embedder is not None:
             c = c + self.y_embedder(y, self.training)
-        rope = () if self.rope is None else (self.rope,)                       # the RoPE angle table
+        rope = () if self.rope_cos is None else (self.rope_cos, self.rope_sin)  # the RoPE tables
         for blk in self.blocks:
             h = blk(h, c, *rope)
-        return self.final_layer(h, c)                                         # (B, L, C)
+        out = self.final_layer(h, c)                                          # (B, T, p*p*C [x2])
+        if p > 1:
+            return self.unpatchify(out)                                       # (B, L, C)
+        return out[..., :self.cfg.in_channels] if self.cfg.learn_sigma else out
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels=None):
         """v_u + s (v_c - v_u) on one doubled batch. guide_channels=k guides only the first k channels of the
@@ -255,48 +296,55 @@ class Transport:
 
     @staticmethod
     def _randn(x, generators):
-        """Fresh noise like x, from one generator per sample (so a sample never depends on its batch)."""
+        """Fresh noise like x, from one generator per sample (so a sample never depends on its batch; drawn in
+        float32), or from the global generator in x's dtype as REPA draws it."""
         if generators is None:
             return torch.randn_like(x)
         return torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device) for g in generators]).to(x)
 
     @torch.no_grad()
     def sample(self, velocity, noise, sampler="euler", num_steps=50, shift=1.0, generators=None):
-        """Integrate velocity(x, t) -> v from t = 1 (noise) to t = 0.
-        euler / heun: ODE on shift_time(linspace(1, 0, N + 1)) in float64; Heun corrects every step but the last
-        (REPA euler_sampler). sde: Euler-Maruyama (REPA euler_maruyama_sampler) on linspace(1, 0.04, N) then 0,
-        w(t) = 2t, drift v - w/2 * score with score = (-(1 - t) v - x) / t, and a deterministic last step."""
-        x = noise.float()
+        """Integrate velocity(x, t, at) -> v from t = 1 (noise) to t = 0, with the state in float64 and the model
+        called on float32, as REPA's samplers.py (`at`: the time whose guidance interval applies; REPA's Heun
+        corrector at t_next keeps the decision made at t_cur).
+        euler / heun: ODE on shift_time(linspace(1, 0, N + 1)); Heun corrects every step but the last (REPA
+        euler_sampler). sde: Euler-Maruyama (REPA euler_maruyama_sampler = SiT's SDE with its default 'sigma'
+        diffusion) on linspace(1, 0.04, N) then 0, w(t) = 2t, drift v - w/2 * score with score =
+        (-(1 - t) v - x) / t, noise drawn before the model call, and a deterministic last step."""
+        x = noise.double()
+        v = lambda x, t, **at: velocity(x.float(), t, **at).double()
         if sampler in ("euler", "heun"):
             ts = shift_time(torch.linspace(1, 0, num_steps + 1, dtype=torch.float64), shift).tolist()
             for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
-                d = velocity(x, t)
+                d = v(x, t)
                 x_new = x + (t_next - t) * d
                 if sampler == "heun" and i < num_steps - 1:
-                    x_new = x + (t_next - t) * 0.5 * (d + velocity(x_new, t_next))
+                    x_new = x + (t_next - t) * 0.5 * (d + v(x_new, t_next, at=t))
                 x = x_new
-            return x
+            return x.float()
         if sampler != "sde":
             raise ValueError(f"sampler {sampler!r}: choose euler, heun or sde")
         ts = torch.cat([torch.linspace(1, 0.04, num_steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
         ts = shift_time(ts, shift).tolist()
         for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
-            v = velocity(x, t)
-            score = (-(1 - t) * v - x) / t
+            eps = self._randn(x, generators) if i < num_steps - 1 else None  # the last step is the mean only
+            d = v(x, t)
+            score = (-(1 - t) * d - x) / t
             w = 2 * t
-            x = x + (t_next - t) * (v - 0.5 * w * score)                     # the drift step
-            if i < num_steps - 1:                                             # the last step is the mean only
-                x = x + math.sqrt(w * abs(t_next - t)) * self._randn(x, generators)
-        return x
+            x = x + (t_next - t) * (d - 0.5 * w * score)                     # the drift step
+            if eps is not None:
+                x = x + math.sqrt(w * abs(t_next - t)) * eps
+        return x.float()
 
 
 def guided_velocity(model, y, cfg_scale=1.0, interval=(0.0, 1.0), guide_channels=None):
-    """velocity(x, t) for the samplers: CFG with scale cfg_scale where interval[0] <= t <= interval[1] (t = 1
+    """velocity(x, t, at) for the samplers: CFG with scale cfg_scale where interval[0] <= at <= interval[1] (t = 1
     is noise, so (0, 0.75) leaves the noisiest quarter unguided, as the MAETok paper), plain conditional
     elsewhere. An unconditional model (num_classes 0) ignores y and the scale."""
-    def velocity(x, t):
+    def velocity(x, t, at=None):
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
-        if model.y_embedder is None or cfg_scale == 1.0 or not interval[0] <= t <= interval[1]:
+        at = t if at is None else at
+        if model.y_embedder is None or cfg_scale == 1.0 or not interval[0] <= at <= interval[1]:
             return model(x, tt, y).float()
         return model.forward_with_cfg(x, tt, y, cfg_scale, guide_channels).float()
     return velocity

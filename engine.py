@@ -125,9 +125,17 @@ def load_checkpoint(path):
         except (KeyError, ValueError, OSError) as e:
             sys.exit(f"error: cannot read the release {path!r}: {e}")
     try:
-        return torch.load(find_checkpoint(path), map_location="cpu", weights_only=True)
+        ckpt = torch.load(find_checkpoint(path), map_location="cpu", weights_only=True)
     except Exception as e:
         sys.exit(f"error: cannot read checkpoint {path!r} ({type(e).__name__}: {e}); is it a nanotok checkpoint?")
+    if not (isinstance(ckpt, dict) and "args" in ckpt):  # not ours: an official SiT / LightningDiT file?
+        sd = released.unwrap_denoiser(ckpt)
+        if released.denoiser_kind(sd) is not None:
+            try:
+                return released.denoiser_checkpoint(sd, find_checkpoint(path))
+            except (KeyError, ValueError) as e:
+                sys.exit(f"error: cannot convert the official denoiser {path!r}: {e}")
+    return ckpt
 
 
 def save_checkpoint(state, path):

@@ -7,14 +7,26 @@ every nanotok tensor is filled.
            (or a weight file with config.json beside it) of config.json (the ModelArgs fields) and
            model.safetensors, else pytorch_model.bin, as PyTorchModelHubMixin.from_pretrained reads it
 
+  SiT      willisma/SiT (SiT-XL-2-256x256.pt: a bare state dict; training files {model, ema, opt, args})
+  MAETok's continuous_tokenizer SiT(vae_1d=True) (Hugging Face MAETok/sit-xl_maetok-b-128: config.json +
+  1D SiT     model.safetensors; trainer files {model, ema, ...})
+  LightningDiT  hustvl/LightningDiT (lightningdit-xl-imagenet256-*.pt: {ema, ...} or a bare state dict)
+
   python evaluate.py recon --ckpt path/to/maetok-b-128 --data_path /data/imagenet/val    # any script's --ckpt
+  python sample.py --ckpt path/to/sit-xl_maetok-b-128 --tokenizer_ckpt path/to/maetok-b-128
+
+The denoisers become diffusion.DiT. Their fixed tables (sin-cos pos_embed, LightningDiT's RoPE cos / sin) are
+stored in the files; DiT computes them, so the loader checks that the stored ones are those tables. SiT and
+LightningDiT run t = 0 as noise: their config gets sit_time, and DiT.forward converts (diffusion.py).
 """
 import json
+import math
 import os
 from dataclasses import asdict
 
 import torch
 
+from diffusion import DiT, DiTConfig, rope_table, sincos_pos_embed
 from tokenizer import build, make_config
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -177,11 +189,18 @@ def load_release(path):
     with open(config_path) as f:
         model_args = json.load(f)
     sd = read_state_dict(weights)
+    if denoiser_kind(sd) is not None:
+        return denoiser_checkpoint(sd, weights, model_args)
     if not any(k.startswith("encoder.model.patch_embed.") for k in sd):
-        raise KeyError(f"{weights!r} is not an official MAETok file (no encoder.model.patch_embed.* keys)")
+        raise KeyError(f"{weights!r} is neither an official MAETok file (no encoder.model.patch_embed.* keys) "
+                       f"nor a SiT / LightningDiT one")
     cfg, state = maetok_from_official(sd, model_args)
-    return {"config": asdict(cfg), "model": state, "ema": state, "step": 0,
-            "args": {"preset": "released", "source": os.path.abspath(weights)}, "released": os.path.abspath(weights)}
+    out = {"config": asdict(cfg), "model": state, "ema": state, "step": 0,
+           "args": {"preset": "released", "source": os.path.abspath(weights)}, "released": os.path.abspath(weights)}
+    if "vq_mean" in model_args or "vq_std" in model_args:  # the scalar normalisation its SiT was trained with
+        out["latent_stats"] = {"mean": torch.tensor(float(model_args.get("vq_mean", 0.0))),
+                               "std": torch.tensor(float(model_args.get("vq_std", 1.0)))}
+    return out
 
 
 def maetok_to_official(sd, cfg):
@@ -217,3 +236,124 @@ def maetok_to_official(sd, cfg):
         inverse[off + "freqs_t_y"] = (torch.arange(g * g) // g).float()
     return inverse
 
+
+
+# ----------------------------------------------------------------------------------------------------------
+# denoisers: SiT, MAETok's 1D SiT and LightningDiT -> diffusion.DiT
+
+DIT_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}  # DiT / SiT S, B, L, XL: the head count is not in the weights
+TABLE_ATOL = 1e-4  # the official tables are float32 (MAETok's 1D table and the RoPE tables computed in float32)
+
+
+def unwrap_denoiser(obj):
+    """A torch.load result -> a bare state dict: the EMA of a training file (SiT find_model, LightningDiT
+    inference.py and continuous_tokenizer generate_sit.py all read 'ema'), '_orig_mod.' of torch.compile removed."""
+    if isinstance(obj, dict) and isinstance(obj.get("ema"), dict):
+        obj = obj["ema"]
+    if not isinstance(obj, dict):
+        return {}
+    return {k.replace("_orig_mod.", ""): v for k, v in obj.items()}
+
+
+def denoiser_kind(sd):
+    """'sit' (willisma/SiT), 'maetok_sit' (continuous_tokenizer, vae_1d), 'lightningdit', or None."""
+    if not all(k in sd for k in ("pos_embed", "t_embedder.mlp.0.weight", "final_layer.linear.weight")):
+        return None
+    if "feat_rope.freqs_cos" in sd:
+        return "lightningdit"
+    if "x_embedder.proj.weight" in sd:
+        return "sit"
+    return "maetok_sit" if "x_embedder.weight" in sd else None
+
+
+def denoiser_config(sd, kind, hub_config=None, heads=None):
+    """A DiTConfig from the tensor shapes (plus the hub config.json of MAETok's SiT, which names the heads)."""
+    T, D = sd["pos_embed"].shape[1:]
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    hub = hub_config or {}
+    if kind == "lightningdit":
+        heads = D // sd["feat_rope.freqs_cos"].shape[1]
+    heads = heads or hub.get("num_heads") or DIT_HEADS.get(D)
+    if heads is None:
+        raise ValueError(f"width {D}: the head count is not in the weights and not a DiT size; pass heads")
+    if kind == "maetok_sit":
+        C, p, grid, L = sd["x_embedder.weight"].shape[1], 1, None, T
+    else:
+        _, C, p, _ = sd["x_embedder.proj.weight"].shape
+        side = math.isqrt(T) * p
+        grid, L = (side, side), side * side
+    out = sd["final_layer.linear.weight"].shape[0]
+    if out not in (p * p * C, 2 * p * p * C):
+        raise ValueError(f"final layer {out} outputs for patch {p} and {C} channels: not a SiT / LightningDiT")
+    swiglu = "blocks.0.mlp.w12.weight" in sd
+    hidden = sd["blocks.0.mlp.w3.weight" if swiglu else "blocks.0.mlp.fc1.weight"].shape[1 if swiglu else 0]
+    return DiTConfig(in_channels=C, num_tokens=L, grid=grid, patch_size=p, learn_sigma=out == 2 * p * p * C,
+                     pos_embed="sincos_interleaved" if kind == "maetok_sit" else "sincos",
+                     sit_time=kind != "maetok_sit", width=D, depth=depth, heads=heads,
+                     mlp_ratio=round(hidden * (1.5 if swiglu else 1) / D, 4),
+                     num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1, class_dropout=0.1,
+                     norm="rmsnorm" if "blocks.0.norm1.weight" in sd else "layernorm",
+                     ffn="swiglu" if swiglu else "gelu", rope=kind == "lightningdit",
+                     qk_norm="blocks.0.attn.q_norm.weight" in sd)
+
+
+def fixed_tables(cfg):
+    """The tables DiT computes, under their official keys (what a released file stores)."""
+    p = cfg.patch_size
+    grid = None if cfg.grid is None else (cfg.grid[0] // p, cfg.grid[1] // p)
+    tokens = cfg.num_tokens // p ** 2
+    out = {"pos_embed": sincos_pos_embed(cfg.width, tokens, grid, cfg.pos_embed == "sincos_interleaved")[None]}
+    if cfg.rope:
+        out["feat_rope.freqs_cos"], out["feat_rope.freqs_sin"] = rope_table(cfg.width // cfg.heads, tokens, grid)
+    return out
+
+
+def denoiser_key(k):
+    """Official SiT / LightningDiT key -> DiT key."""
+    if k.startswith("x_embedder.proj."):
+        return "x_embedder." + k.split(".")[-1]
+    return {"y_embedder.embedding_table.weight": "y_embedder.table.weight",
+            "final_layer.norm_final.weight": "final_layer.norm.weight"}.get(k, k)
+
+
+def denoiser_from_official(sd, hub_config=None, heads=None):
+    """(DiTConfig, DiT state dict) from an official state dict, strictly; the stored tables must be DiT's."""
+    kind = denoiser_kind(sd)
+    if kind is None:
+        raise KeyError("not an official SiT / LightningDiT state dict (needs pos_embed, t_embedder.*, final_layer.*)")
+    cfg = denoiser_config(sd, kind, hub_config, heads)
+    for k, table in fixed_tables(cfg).items():
+        err = (sd[k].float() - table).abs().max().item() if sd[k].shape == table.shape else float("inf")
+        if err > TABLE_ATOL:
+            raise ValueError(f"the stored {k} {tuple(sd[k].shape)} is not the fixed table nanotok's DiT computes "
+                             f"(max difference {err:.3g}): this file was trained with a learned or different table")
+    with torch.device("meta"):
+        own = DiT(cfg).state_dict()
+    out = {}
+    for k, v in sd.items():
+        if k in ("pos_embed", "feat_rope.freqs_cos", "feat_rope.freqs_sin"):
+            continue  # checked above; DiT computes them
+        if k == "x_embedder.proj.weight":  # Conv2d(C, D, p, p) -> Linear on (row, column, channel) cells
+            v = v.permute(0, 2, 3, 1).reshape(v.shape[0], -1)
+        out[denoiser_key(k)] = v
+    missing = [k for k in own if k not in out]
+    bad = [k for k in out if k not in own or tuple(out[k].shape) != tuple(own[k].shape)]
+    if missing or bad:
+        raise KeyError(f"official {kind} file does not map onto DiT: missing {missing[:4]}, unexpected or wrong "
+                       f"shape {bad[:4]}")
+    return cfg, {k: out[k].float() for k in own}
+
+
+# what each release samples with (the papers' settings; README "Sample from released weights")
+GUIDE_CHANNELS = {"sit": 3, "lightningdit": 3, "maetok_sit": None}  # forward_with_cfg's [:, :3]; MAETok: all
+
+
+def denoiser_checkpoint(obj, source, hub_config=None):
+    """An official denoiser (file contents) -> a nanotok diffusion checkpoint dict (no tokenizer, no latent
+    statistics: sample.py takes them from --tokenizer_ckpt / --latent_stats)."""
+    sd = unwrap_denoiser(obj)
+    kind = denoiser_kind(sd)
+    cfg, state = denoiser_from_official(sd, hub_config)
+    return {"config": asdict(cfg), "model": state, "ema": state, "step": 0, "released": os.path.abspath(source),
+            "released_kind": kind, "guide_channels": GUIDE_CHANNELS[kind],
+            "args": {"preset": f"released-{kind}", "source": os.path.abspath(source)}}

@@ -8,6 +8,9 @@ Many samples for evaluation, as an ADM-style .npz (arr_0 uint8 NHWC, labels besi
       --num_steps 250 --cfg_scale 1.9 --guidance_interval 0,0.75
 Sample i always starts from the noise of seed (--seed, i) and gets label i mod K (balanced) or a label drawn
 from that seed (uniform), so the images do not depend on the number of processes or the batch size.
+Released denoisers (released.py: SiT, MAETok's SiT, LightningDiT) sample the same way, given their tokenizer:
+  python sample.py --ckpt hf/sit-xl_maetok-b-128 --tokenizer_ckpt hf/maetok-b-128 --num_samples 50000 \
+      --sampler sde --num_steps 250 --cfg_scale 1.9 --guidance_interval 0,0.75
 """
 import argparse
 import os
@@ -42,9 +45,13 @@ def parse_args(argv=None):
     p.add_argument("--cfg_scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--guidance_interval", default="0,1", help="'low,high': guide only where low <= t <= high")
     p.add_argument("--guide_channels", type=int, default=None,
-                   help="guide only the first k latent channels (DiT / LightningDiT: 3); default all")
+                   help="guide only the first k latent channels; default: a released SiT / LightningDiT's 3, else all")
+    p.add_argument("--latent_stats", default=None,
+                   help="latent normalisation: a .pt with mean / std (LightningDiT's latents_stats.pt) or 'mean,std'; "
+                        "default: the diffusion checkpoint's, else the released tokenizer's")
     p.add_argument("--seed", type=int, default=0, help="global seed of the .npz samples")
-    p.add_argument("--out", default=None, help="output .png (grid) or .npz (default: beside the checkpoint)")
+    p.add_argument("--out", default=None,
+                   help="output .png (grid) or .npz (default: in the run folder; for a release, here)")
     p.add_argument("--raw", action="store_true", help="use the raw (non-EMA) weights")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the denoiser (one graph per batch shape)")
@@ -63,22 +70,47 @@ def parse_args(argv=None):
     return args
 
 
+def read_latent_stats(spec):
+    """--latent_stats: 'mean,std' numbers, or a .pt dict of mean / std tensors (per channel: any shape of C)."""
+    if os.path.isfile(spec):
+        st = torch.load(spec, map_location="cpu", weights_only=True)
+        if not (isinstance(st, dict) and "mean" in st and "std" in st):
+            sys.exit(f"error: --latent_stats {spec!r} holds no 'mean' and 'std'")
+        return {k: torch.as_tensor(st[k]).float().flatten() for k in ("mean", "std")}  # (C,): channel last
+    try:
+        m, sd = (float(v) for v in spec.split(","))
+    except ValueError:
+        sys.exit(f"error: --latent_stats {spec!r} is neither a file nor 'mean,std'")
+    return {"mean": torch.tensor(m), "std": torch.tensor(sd)}
+
+
 def load(args, device):
-    """The denoiser, latent statistics and tokenizer of a diffusion checkpoint."""
+    """The denoiser, latent statistics and tokenizer of a diffusion checkpoint or a released denoiser."""
     ckpt = load_checkpoint(args.ckpt)
-    if "latent_stats" not in ckpt:
+    released = ckpt.get("released_kind")
+    if "latent_stats" not in ckpt and not released:
         sys.exit(f"error: {args.ckpt!r} is not a diffusion checkpoint (no latent statistics); "
-                 f"sample.py needs a train_diffusion.py run")
+                 f"sample.py needs a train_diffusion.py run or a released SiT / LightningDiT")
     model = DiT(DiTConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"] if args.raw else ckpt["ema"])
-    tok_path = args.tokenizer_ckpt or ckpt["tokenizer_ckpt"]
+    tok_path = args.tokenizer_ckpt or ckpt.get("tokenizer_ckpt")
+    if tok_path is None:
+        sys.exit(f"error: {args.ckpt!r} is a released {released} without its tokenizer; pass --tokenizer_ckpt")
     if not os.path.exists(tok_path):
         sys.exit(f"error: tokenizer checkpoint {tok_path!r} not found; pass it with --tokenizer_ckpt")
-    tok = from_checkpoint(load_checkpoint(tok_path))
+    tok_ckpt = load_checkpoint(tok_path)
+    tok = from_checkpoint(tok_ckpt)
     if tuple(tok.latent_shape) != (model.cfg.num_tokens, model.cfg.in_channels):
         sys.exit(f"error: tokenizer {tok_path!r} makes {tuple(tok.latent_shape)} latents, the denoiser expects "
                  f"({model.cfg.num_tokens}, {model.cfg.in_channels})")
-    stats = ckpt["latent_stats"]
+    stats = read_latent_stats(args.latent_stats) if args.latent_stats else (
+        ckpt.get("latent_stats") or tok_ckpt.get("latent_stats"))
+    if stats is None:
+        sys.exit(f"error: no latent statistics for the released {released}: pass --latent_stats (LightningDiT: its "
+                 f"latents_stats.pt; SiT-XL/2 on SD-VAE latents: 0,5.4915 = 1 / 0.18215)")
+    if args.guide_channels is None:
+        args.guide_channels = ckpt.get("guide_channels")
+    args.released = bool(released)
     return model.eval().to(device), tok.to(device), stats["mean"].to(device), stats["std"].to(device)
 
 
@@ -105,7 +137,8 @@ def main(argv=None):
     K = model.cfg.num_classes
     if K and any(not 0 <= y < K for y in args.classes):
         sys.exit(f"error: --classes {args.classes}: this model has classes 0..{K - 1}")
-    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(find_checkpoint(args.ckpt))))
+    run_dir = (os.getcwd() if args.released  # a release: outputs in the working directory, not in its folder
+               else os.path.dirname(os.path.dirname(os.path.abspath(find_checkpoint(args.ckpt)))))
     tag = f"{args.sampler}{args.num_steps}-cfg{args.cfg_scale}"
     if args.num_samples == 0:  # a grid: rows are classes, columns seeds
         if rank == 0:

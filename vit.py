@@ -5,7 +5,7 @@ trunks (pretrained.py) and the SiT / LightningDiT denoisers (diffusion.py).
   Attention   fused qkv -> optional QK-norm -> optional rotary embedding -> F.scaled_dot_product_attention
   RoPE2D      2D RoPE on a span of grid tokens: 'mixed' (learnable 2D frequencies, Heo et al. 2024, the MAETok
               official rope_utils.py) or 'axial'; interleaved (even, odd) pairs, angles in fp32
-  RoPEHalf    rotate-half RoPE from a precomputed angle table (LightningDiT VisionRotaryEmbeddingFast)
+  RoPETable   RoPE from precomputed cos / sin tables (LightningDiT VisionRotaryEmbeddingFast)
   MLP, SwiGLU, LayerScale, Block (pre-norm, optional LayerScale); patchify / unpatchify
 Parameter names follow the official checkpoints (qkv, proj, fc1/fc2, w12/w3, ls1.gamma, q_norm, k_norm) so
 that official weights load strictly.
@@ -101,13 +101,14 @@ class RoPE2D(nn.Module):
         return q, k
 
 
-class RoPEHalf(nn.Module):
-    """Rotate-half RoPE (LightningDiT) from an angle table (N, hd) that the model precomputes once."""
+class RoPETable(nn.Module):
+    """RoPE from precomputed (cos, sin) tables (N, hd) on interleaved pairs, (u0, u1) -> (-u1, u0), as
+    LightningDiT's EVA VisionRotaryEmbeddingFast: u * cos + rotate_pairs(u) * sin."""
 
-    def forward(self, q, k, table):
+    def forward(self, q, k, cos, sin):
         def rot(x):
-            x1, x2 = x.chunk(2, dim=-1)
-            return (x * table.cos() + torch.cat([-x2, x1], dim=-1) * table.sin()).type_as(x)
+            x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)                      # (B, h, N, hd/2) each
+            return (x * cos + torch.stack([-x1, x0], dim=-1).flatten(-2) * sin).type_as(x)
         return rot(q), rot(k)
 
 
@@ -116,7 +117,7 @@ class RoPEHalf(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head self-attention on SDPA (flash / memory-efficient kernels on GPU). `rope` is a module
-    (RoPE2D, RoPEHalf) called as rope(q, k, *rope_args), or a zero-argument factory of one, called after qkv
+    (RoPE2D, RoPETable) called as rope(q, k, *rope_args), or a zero-argument factory of one, called after qkv
     and proj exist: RoPE-Mixed draws its frequencies at construction, and drawing them after the Linears keeps
     the seeded initialisation of the tokenizers as it was. QK-norm is RMSNorm per head (LightningDiT)."""
 

@@ -26,7 +26,7 @@ class GaussianOracle:
     def __init__(self, mu, S):
         self.mu, self.S = mu.double(), S.double()
 
-    def __call__(self, x, t):
+    def __call__(self, x, t, at=None):
         C = len(self.mu)
         A = (1 - t) ** 2 * self.S + t ** 2 * torch.eye(C, dtype=torch.float64)
         r = x.double() - (1 - t) * self.mu                                     # (B, L, C)
@@ -141,17 +141,19 @@ def test_grid_latents_use_2d_positions():
     assert emb.shape == (6, 8)
     torch.testing.assert_close(emb[0, 4:], emb[1, 4:])        # same row -> same row half (dims 4:)
     torch.testing.assert_close(emb[0, :4], emb[3, :4])        # same column -> same column half
-    r = rope_table(8, 6, grid=(2, 3))
-    assert r.shape == (6, 8)
+    cos, sin = rope_table(8, 6, grid=(2, 3))
+    assert cos.shape == sin.shape == (6, 8)
+    torch.testing.assert_close(cos[0, :4], cos[2, :4])        # same row -> same first half (row pairs)
+    torch.testing.assert_close(cos[0, 4:], cos[3, 4:])        # same column -> same second half
     model = _random_dit(grid=(2, 4), rope=True, norm="rmsnorm", ffn="swiglu", qk_norm=True)
     assert model(torch.randn(2, 8, 6), torch.rand(2), torch.tensor([0, 1])).shape == (2, 8, 6)
 
 
 def test_rope_scores_depend_only_on_relative_position():
-    from vit import RoPEHalf
-    r = rope_table(16, 20)
+    from vit import RoPETable
+    cos, sin = rope_table(16, 20)
     q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
-    rot = lambda x, i: RoPEHalf()(x, x, r[i:i + 1])[0]
+    rot = lambda x, i: RoPETable()(x, x, cos[i:i + 1], sin[i:i + 1])[0]
     s = lambda i, j: (rot(q, i) * rot(k, j)).sum()
     torch.testing.assert_close(s(3, 7), s(10, 14))
     assert not torch.isclose(s(3, 7), s(3, 8))

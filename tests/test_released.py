@@ -126,7 +126,7 @@ def test_not_a_release_is_a_clear_error(tmp_path):
     rel.mkdir()
     torch.save({"foo": torch.zeros(1)}, rel / "pytorch_model.bin")
     json.dump({}, open(rel / "config.json", "w"))
-    with pytest.raises(SystemExit, match="not an official MAETok file"):
+    with pytest.raises(SystemExit, match="neither an official MAETok file"):
         engine.load_checkpoint(str(rel))
     with pytest.raises(ValueError, match="without RoPE-mixed"):
         maetok_from_official({}, {"use_rope": False})
