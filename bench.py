@@ -1,11 +1,19 @@
 """
-Benchmarks on the current device (CPU, or one GPU with bf16 autocast): throughput and peak memory of
-tokenizer training, of the pretrained feature networks, and of diffusion training, sampling and forward
-FLOPs. Numbers go in the README; nothing here is asserted by a test.
+Benchmarks on the current device (CPU, or one GPU with bf16 autocast): throughput, model FLOP utilisation (MFU)
+and peak memory of tokenizer and denoiser training, of sampling (SiT-XL + the MAETok decoder, the paper's 250 SDE
+steps with CFG on an interval), of the feature networks, and of the GAN step. Numbers go in the README; nothing
+here is asserted by a test.
 
-  python bench.py                       # everything
-  python bench.py --only gan            # tokenizer | gan | pretrained | diffusion
-On CPU the XL sampling rate is extrapolated from 2 steps to 50.
+  python bench.py                       # everything, eager
+  python bench.py --compile             # every training / sampling row eager and torch.compile'd
+  python bench.py --only gan            # tokenizer | gan | pretrained | diffusion | sampling
+  python bench.py --quick               # the tiny presets only, a few steps (a smoke test on CPU)
+
+MFU = model FLOPs per second / the device's dense peak. Model FLOPs are counted by torch.utils.flop_counter on one
+eager step (forward + backward for training, 2 per multiply-add, no recomputation). The peak is the datasheet's
+dense bf16 tensor-core rate on a GPU (PEAK_BF16), and on CPU an fp32 estimate: threads x clock x FMA width (the
+clock /proc/cpuinfo reports now, so turbo makes CPU MFU read high). On CPU the XL rows run 2 sampling steps and
+extrapolate to 250.
 """
 import argparse
 import resource
@@ -20,6 +28,36 @@ from diffusion import make_config as make_dit_config
 from pretrained import FIDInceptionV3, LPIPS, DinoViT, dinov2_config
 from proxy import ProxyConfig, ProxyNet
 from tokenizer import build, make_config
+
+# dense (no sparsity) bf16 tensor-core peaks, FLOP/s, by a substring of torch.cuda.get_device_name(); first match
+PEAK_BF16 = [
+    ("H200", 989.4e12),       # NVIDIA H200 datasheet (SXM): 1,979 TFLOPS bf16 with sparsity
+    ("H100 PCIe", 756.0e12),  # NVIDIA H100 datasheet, PCIe: 1,513 with sparsity
+    ("H100 NVL", 835.0e12),   # NVIDIA H100 datasheet, NVL: 1,671 with sparsity
+    ("H100", 989.4e12),       # NVIDIA H100 datasheet, SXM5: 1,979 with sparsity
+    ("A100", 312.0e12),       # NVIDIA A100 datasheet: 312 (624 with sparsity)
+    ("L40S", 362.05e12),      # NVIDIA L40S datasheet: 362.05 (733 with sparsity)
+    ("RTX 4090", 165.2e12),   # NVIDIA Ada whitepaper, GeForce RTX 4090: bf16 with fp32 accumulate
+]
+
+
+def peak_flops(device):
+    """(FLOP/s, description) of the device, or (None, why) when unknown."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in PEAK_BF16:
+            if key in name:
+                return peak, f"{name}: {peak / 1e12:.0f} TFLOP/s dense bf16"
+        return None, f"{name}: no peak in bench.PEAK_BF16"
+    try:
+        info = open("/proc/cpuinfo").read()
+        mhz = float(info.split("cpu MHz")[1].split(":")[1].split()[0])
+        lanes = 64 if " avx512f" in info else 32 if " avx2" in info and " fma" in info else 8  # FP32 FLOP / cycle
+    except (OSError, IndexError, ValueError):
+        return None, "CPU: clock unknown"
+    n = torch.get_num_threads()
+    peak = n * mhz * 1e6 * lanes
+    return peak, f"CPU fp32 estimate: {n} threads x {mhz / 1e3:.2f} GHz x {lanes} FLOP/cycle = {peak / 1e9:.0f} GFLOP/s"
 
 
 def timed(fn, steps, warmup, device):
@@ -47,40 +85,66 @@ def reset_peak(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def gflops(fn):
+def flops(fn):
     with FlopCounterMode(display=False) as fc:
         fn()
-    return fc.get_total_flops() / 1e9
+    return fc.get_total_flops()
 
 
-def train_rate(model, loss_fn, args, device):
-    """Seconds per optimizer step (AdamW) of loss_fn(model), and the peak memory."""
-    reset_peak(device)
-    fwd = torch.compile(model) if args.compile else model
+class Report:
+    """One printed line per row: throughput, model TFLOP/s and MFU against the device peak, memory."""
+
+    def __init__(self, device):
+        self.device = device
+        self.peak, desc = peak_flops(device)
+        print(f"peak for MFU: {desc}")
+
+    def row(self, what, batch, seconds, step_flops, unit="img/s", note=""):
+        achieved = step_flops / seconds
+        mfu = f"MFU {100 * achieved / self.peak:5.1f}%" if self.peak else "MFU n/a"
+        print(f"{what:58s} batch {batch:4d}: {batch / seconds:9.2f} {unit} {seconds * 1e3:9.0f} ms/step "
+              f"{achieved / 1e12:7.3f} TFLOP/s  {mfu}  {note}{peak_memory(self.device)}")
+
+
+def train_rate(model, loss_fn, args, device, compiled):
+    """Seconds per optimizer step (AdamW) of loss_fn(model), the model FLOPs of one step (eager), the memory."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    step_flops = flops(lambda: loss_fn(model).backward())
+    opt.zero_grad(set_to_none=True)
+    fwd = torch.compile(model) if compiled else model
+    reset_peak(device)
 
     def step():
         loss_fn(fwd).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return timed(step, args.steps, args.warmup, device), peak_memory(device)
+    return timed(step, args.steps, args.warmup, device), step_flops
 
 
-def bench_tokenizer(args, device, ctx):
-    for preset, batch in (("tiny", 64), ("MAETok-B-128", args.batch_size)):
+def variants(args):
+    return (False, True) if args.compile else (False,)
+
+
+def tag(compiled):
+    return "compiled" if compiled else "eager"
+
+
+def bench_tokenizer(args, device, ctx, rep):
+    rows = [("tiny", 64)] if args.quick else [("tiny", 64), ("MAETok-B-128", args.batch_size)]
+    for preset, batch in rows:
         model = build(make_config(preset)).to(device).train()
         x = torch.rand(batch, 3, model.cfg.image_size, model.cfg.image_size, device=device) * 2 - 1
 
         def loss(fwd):
             with ctx:
                 return fwd(x, model.sample_mask(batch, device))["loss"]
-        s, mem = train_rate(model, loss, args, device)
-        fl = gflops(lambda: model.eval()(x[:1])["loss"])
-        print(f"tokenizer {preset:13s} train  batch {batch:4d}: {batch / s:8.1f} img/s  ({s * 1e3:.0f} ms/step), "
-              f"forward {fl:.1f} GFLOPs/img, {mem}")
+        for compiled in variants(args):
+            s, fl = train_rate(model, loss, args, device, compiled)
+            rep.row(f"tokenizer {preset} training {model.cfg.image_size} px ({tag(compiled)})", batch, s, fl,
+                    note=f"{fl / batch / 1e9:.3g} GFLOPs/img fwd+bwd, ")
 
 
-def bench_gan(args, device, ctx):
+def bench_gan(args, device, ctx, rep):
     """MAETok-B-128 with the DINO discriminator (random weights): the generator step with and without the GAN term
     (one D pass with gradient through the frozen trunk, the adaptive weight) and the D step (4 D passes, trunk
     without autograd, heads backward), each with its AdamW step."""
@@ -122,86 +186,121 @@ def bench_gan(args, device, ctx):
 
 
 @torch.no_grad()
-def bench_pretrained(args, device, ctx):
+def bench_pretrained(args, device, ctx, rep):
     # random weights: speed does not depend on the values
     nets = [("FID InceptionV3 (pool3, TF resize)", FIDInceptionV3("tf"), 256, lambda n: torch.rand(n, 3, 256, 256)),
             ("LPIPS-VGG 256 px (pair)", LPIPS(), 256, None),
             ("DINOv2-B/14 224 px", DinoViT(dinov2_config("vitb14")), 224, lambda n: torch.randn(n, 3, 224, 224)),
             ("proxy classifier 32 px", ProxyNet(ProxyConfig()), 32, lambda n: torch.rand(n, 3, 32, 32) * 2 - 1)]
-    for name, net, res, make in nets:
+    for name, net, res, make in nets[:1] if args.quick else nets:
         net = net.to(device).eval()
-        n = args.feature_batch
+        n = 2 if args.quick else args.feature_batch
         if make is None:
             x0, x1 = (torch.rand(n, 3, res, res, device=device) * 2 - 1 for _ in range(2))
             fn = lambda: net(x0, x1)
         else:
             x = make(n).to(device)
             fn = lambda: net(x)
-        reset_peak(device)
         with ctx:
+            fl = flops(fn)
+            reset_peak(device)
             s = timed(fn, args.steps, args.warmup, device)
-        mem = f", {peak_memory(device)}" if device.type == "cuda" else ""  # CPU RSS is the process's, not the net's
-        print(f"{name:36s} batch {n:4d}: {n / s:8.1f} img/s{mem}")
+        rep.row(f"{name} forward", n, s, fl)
 
 
-def bench_diffusion(args, device, ctx):
-    """Denoiser training img/s, 50-step Euler sampling img/s (no CFG; CFG doubles the batch) and forward FLOPs
-    per image (FlopCounterMode: 2 per multiply-add; the DiT paper's "Gflops" count multiply-adds)."""
-    tiny = make_config("tiny")  # the tiny denoiser runs on the tiny tokenizer's latents
-    for preset, (L, C), batch in (("tiny", (tiny.num_latent_tokens, tiny.latent_dim), 64),
-                                  ("SiT-XL", (128, 32), args.batch_size),
-                                  ("LightningDiT-XL", (128, 32), args.batch_size)):
-        model = DiT(make_dit_config(preset, in_channels=C, num_tokens=L, num_classes=1000)).to(device)
+def bench_diffusion(args, device, ctx, rep):
+    """Denoiser training on the tokenizers' latents: the tiny one's, and 128 x 32 tokens (MAETok) for the XL."""
+    tiny = make_config("tiny")
+    rows = [("tiny", (tiny.num_latent_tokens, tiny.latent_dim), 64)]
+    if not args.quick:
+        rows += [("SiT-XL", (128, 32), args.batch_size), ("LightningDiT-XL", (128, 32), args.batch_size)]
+    for preset, (L, C), batch in rows:
+        model = DiT(make_dit_config(preset, in_channels=C, num_tokens=L, num_classes=1000)).to(device).train()
         x, y, tr = torch.randn(batch, L, C, device=device), torch.randint(1000, (batch,), device=device), Transport()
 
         def loss(fwd):
             with ctx:
                 return tr.loss(fwd, x, y)["loss"]
-        s, mem = train_rate(model, loss, args, device)
-        model.eval()
-        with torch.no_grad():
-            fl = gflops(lambda: model(x[:1], torch.rand(1, device=device), y[:1]))
-            steps = 50 if device.type == "cuda" or preset == "tiny" else 2
+        for compiled in variants(args):
+            s, fl = train_rate(model, loss, args, device, compiled)
+            rep.row(f"diffusion {preset} training {L}x{C} tokens ({tag(compiled)})", batch, s, fl,
+                    note=f"{fl / batch / 1e9:.4g} GFLOPs/img fwd+bwd, ")
+
+
+def guided_steps(n, interval=(0.0, 0.75)):
+    """How many of the n SDE steps (t = linspace(1, 0.04, n)) fall in the guidance interval."""
+    t = torch.linspace(1, 0.04, n, dtype=torch.float64)
+    return int(((t >= interval[0]) & (t <= interval[1])).sum())
+
+
+@torch.no_grad()
+def bench_sampling(args, device, ctx, rep):
+    """Images per second of sample.py's loop: the denoiser's SDE with CFG on [0, 0.75] (the batch doubles on those
+    steps) and one decode. SiT-XL + MAETok-B-128's decoder at the MAETok paper's 250 steps, CFG 1.9; tiny + tiny."""
+    rows = [("tiny", "tiny", 64, 10)] if args.quick else [("tiny", "tiny", 64, 250),
+                                                          ("SiT-XL", "MAETok-B-128", args.sample_batch, 250)]
+    for preset, tok_preset, batch, steps in rows:
+        tok = build(make_config(tok_preset, aux_targets=())).to(device).eval()
+        L, C = tok.latent_shape
+        model = DiT(make_dit_config(preset, in_channels=C, num_tokens=L, num_classes=1000)).to(device).eval()
+        for p in model.parameters():  # off the adaLN-Zero init, so the work is a trained model's
+            p.add_(0.02 * torch.randn_like(p))
+        y, noise = torch.randint(1000, (batch,), device=device), torch.randn(batch, L, C, device=device)
+        run = steps if device.type == "cuda" or preset == "tiny" else 2  # CPU XL: 2 steps, extrapolated
+        with ctx:
+            fwd = flops(lambda: model(noise, torch.rand(batch, device=device), y))   # one unguided call
+            dec = flops(lambda: tok.decode(noise))
+        calls = steps + guided_steps(steps)                                   # a guided step is 2 calls
+        for compiled in variants(args):
+            if compiled:
+                model.compile(fullgraph=True)  # in place, as sample.py --compile
 
             def sample():
                 with ctx:
-                    tr.sample(guided_velocity(model, y), torch.randn_like(x), "euler", steps)
-            ss = timed(sample, 1, 1, device) * 50 / steps
-        print(f"diffusion {preset:15s} ({L}x{C}) batch {batch:4d}: train {batch / s:8.1f} img/s, "
-              f"sample (50 Euler steps) {batch / ss:8.2f} img/s, forward {fl:.4g} GFLOPs/img "
-              f"({fl / 2:.4g} GMACs), {mem}")
+                    z = Transport().sample(guided_velocity(model, y, 1.9, (0.0, 0.75)), noise, "sde", run)
+                    tok.decode(z)
+            s = timed(sample, 1 if run < steps else max(1, args.steps // 2), 1, device)
+            if run < steps:  # extrapolate the measured calls to the full count
+                with ctx:
+                    t_dec = timed(lambda: tok.decode(noise), 1, 0, device)
+                s = t_dec + (s - t_dec) * calls / (run + guided_steps(run))
+            rep.row(f"sampling {preset} + {tok_preset} decoder, {steps} SDE steps, CFG ({tag(compiled)})",
+                    batch, s, fwd * calls + dec)
 
 
 def main():
     p = argparse.ArgumentParser(description="nanotok benchmarks on the current device")
-    p.add_argument("--only", default="tokenizer,gan,pretrained,diffusion", help="comma list of benchmark groups")
+    p.add_argument("--only", default="tokenizer,gan,pretrained,diffusion,sampling",
+                   help="comma list of benchmark groups")
+    p.add_argument("--quick", action="store_true", help="the tiny presets, 1 timed step (runs in seconds on CPU)")
     p.add_argument("--batch_size", type=int, default=None, help="MAETok-B-128 / SiT-XL batch (default 4 CPU, 64 GPU)")
+    p.add_argument("--sample_batch", type=int, default=None, help="SiT-XL sampling batch (default 4 CPU, 256 GPU)")
     p.add_argument("--feature_batch", type=int, default=None, help="feature-network batch (default 16 CPU, 256 GPU)")
     p.add_argument("--steps", type=int, default=None, help="timed iterations (default 3 CPU, 20 GPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default 1 CPU, 5 GPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the trained models")
+    p.add_argument("--compile", action="store_true", help="also time every training / sampling row compiled")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
     args.batch_size = args.batch_size or (64 if gpu else 4)
+    args.sample_batch = args.sample_batch or (256 if gpu else 4)
     args.feature_batch = args.feature_batch or (256 if gpu else 16)
-    args.steps = args.steps or (20 if gpu else 3)
-    args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
+    args.steps = args.steps or (1 if args.quick else 20 if gpu else 3)
+    args.warmup = args.warmup if args.warmup is not None else (0 if args.quick else 5 if gpu else 1)
+    if args.quick:
+        args.only = ",".join(g for g in args.only.split(",") if g != "gan")  # no tiny GAN row
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if gpu else nullcontext()
     name = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name} | torch {torch.__version__} | {'bf16 autocast' if gpu else 'fp32'}")
+    rep = Report(device)
     groups = args.only.split(",")
     torch.manual_seed(0)
-    if "tokenizer" in groups:
-        bench_tokenizer(args, device, ctx)
-    if "gan" in groups:
-        bench_gan(args, device, ctx)
-    if "pretrained" in groups:
-        bench_pretrained(args, device, ctx)
-    if "diffusion" in groups:
-        bench_diffusion(args, device, ctx)
+    for g, fn in (("tokenizer", bench_tokenizer), ("gan", bench_gan), ("pretrained", bench_pretrained),
+                  ("diffusion", bench_diffusion), ("sampling", bench_sampling)):
+        if g in groups:
+            fn(args, device, ctx, rep)
 
 
 if __name__ == "__main__":
