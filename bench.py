@@ -102,7 +102,7 @@ class Report:
     def row(self, what, batch, seconds, step_flops, unit="img/s", note=""):
         achieved = step_flops / seconds
         mfu = f"MFU {100 * achieved / self.peak:5.1f}%" if self.peak else "MFU n/a"
-        print(f"{what:58s} batch {batch:4d}: {batch / seconds:9.2f} {unit} {seconds * 1e3:9.0f} ms/step "
+        print(f"{what:58s} batch {batch:4d}: {batch / seconds:9.4g} {unit} {seconds * 1e3:9.0f} ms/step "
               f"{achieved / 1e12:7.3f} TFLOP/s  {mfu}  {note}{peak_memory(self.device)}")
 
 

@@ -86,3 +86,26 @@ def test_proxy_classifier_compiles():
     net = ProxyNet(ProxyConfig(width=8)).train()
     x, y = torch.rand(4, 3, 32, 32) * 2 - 1, torch.tensor([0, 1, 2, 3])
     _check(net, lambda n, x, y: torch.nn.functional.cross_entropy(n(x), y), (x, y))
+
+
+def test_attention_reaches_sdpa_in_bf16_without_masks(monkeypatch):
+    """Flash attention needs q, k, v of one half dtype and no mask: under bf16 autocast every attention call of
+    the tokenizers and denoisers (RoPE applied in fp32 and cast back) gets exactly that."""
+    import torch.nn.functional as F
+    import vit
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        calls.append(({q.dtype, k.dtype, v.dtype}, args, kwargs))
+        return sdpa(q, k, v, *args, **kwargs)
+    monkeypatch.setattr(vit.F, "scaled_dot_product_attention", spy)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    lightning = DiT(dit_config("tiny", in_channels=4, num_tokens=16, grid=(4, 4), num_classes=5, norm="rmsnorm",
+                               ffn="swiglu", rope=True, qk_norm=True))
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        model = build(make_config("tiny", aux_targets=("hog",)))
+        model(x, model.sample_mask(2, "cpu"))
+        build(make_config("MacTok-tiny"))(x)
+        lightning(torch.randn(2, 16, 4), torch.rand(2), torch.tensor([0, 1]))
+    assert len(calls) > 10
+    assert all(dtypes == {torch.bfloat16} and not args and not kwargs for dtypes, args, kwargs in calls), calls[:3]
