@@ -45,6 +45,15 @@ def release_files(path):
     return (config, weights) if weights and os.path.isfile(config) else None
 
 
+def strict_map(out, own, what, into):
+    """The mapped tensors as float32 in the order of `own` (a meta state dict): every key filled, none left over."""
+    missing = [k for k in own if k not in out]
+    bad = [k for k in out if k not in own or tuple(out[k].shape) != tuple(own[k].shape)]
+    if missing or bad:
+        raise KeyError(f"{what} does not map onto {into}: missing {missing[:4]}, unexpected or wrong shape {bad[:4]}")
+    return {k: out[k].float() for k in own}
+
+
 def read_state_dict(path):
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file  # the format's own reader (no pickle)
@@ -174,12 +183,7 @@ def maetok_from_official(sd, model_args, heads=None):
             raise ValueError(f"{off}freqs_t_x / _y are not the row-major {g}x{g} patch grid")
     if "encoder.mask_token" not in sd:  # enc_token_drop = 0: the encoder never masks; nanotok's token stays 0
         out["encoder.mask_token"] = torch.zeros(own["encoder.mask_token"].shape)
-    missing = [k for k in own if k not in out]
-    bad = [k for k in out if k not in own or tuple(out[k].shape) != tuple(own[k].shape)]
-    if missing or bad:
-        raise KeyError(f"official MAETok file does not map onto nanotok's MAETok: missing {missing[:4]}, "
-                       f"unexpected or wrong shape {bad[:4]}")
-    return cfg, {k: out[k].float() for k in own}
+    return cfg, strict_map(out, own, "official MAETok file", "nanotok's MAETok")
 
 
 def load_release(path):
@@ -336,12 +340,7 @@ def denoiser_from_official(sd, hub_config=None, heads=None):
         if k == "x_embedder.proj.weight":  # Conv2d(C, D, p, p) -> Linear on (row, column, channel) cells
             v = v.permute(0, 2, 3, 1).reshape(v.shape[0], -1)
         out[denoiser_key(k)] = v
-    missing = [k for k in own if k not in out]
-    bad = [k for k in out if k not in own or tuple(out[k].shape) != tuple(own[k].shape)]
-    if missing or bad:
-        raise KeyError(f"official {kind} file does not map onto DiT: missing {missing[:4]}, unexpected or wrong "
-                       f"shape {bad[:4]}")
-    return cfg, {k: out[k].float() for k in own}
+    return cfg, strict_map(out, own, f"official {kind} file", "DiT")
 
 
 # what each release samples with (the papers' settings; README "Sample from released weights")
