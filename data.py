@@ -217,11 +217,8 @@ def _texture(rng, X, Y):
             + lo[i, j + 1] * (1 - fy) * fx + lo[i + 1, j + 1] * fy * fx)
 
 
-def render_shape(label, size, rng, ss=2):
-    """One size x size RGB image (uint8 HWC) of class `label`: a roughly centred, randomly scaled, rotated and
-    coloured shape on a smooth background; rendered at ss x resolution and box-filtered (anti-aliased)."""
-    n = size * ss
-    Y, X = (np.mgrid[0:n, 0:n] + 0.5) / n                                     # pixel centres in [0, 1]
+def _placed_mask(label, X, Y, rng):
+    """The shape's mask on pixel grids X, Y, from the first draws of rng (scale, centre, angle)."""
     s = rng.uniform(*BUILTIN_SCALE)                                           # shape radius / image size
     # near the centre, as MNIST digits: with centres anywhere in [s, 1 - s], 700 tiny-tokenizer steps gave
     # reconstructions the proxy classifies at 14%, against 34% centred (earlier class set)
@@ -229,7 +226,23 @@ def render_shape(label, size, rng, ss=2):
     a = rng.uniform(0, 2 * np.pi)
     u = (np.cos(a) * (X - cx) + np.sin(a) * (Y - cy)) / s                     # rotate into the shape frame
     v = (-np.sin(a) * (X - cx) + np.cos(a) * (Y - cy)) / s
-    m = _shape_mask(label, u, v)[..., None].astype(np.float64)
+    return _shape_mask(label, u, v)
+
+
+def render_shape_mask(label, size, rng, ss=2):
+    """The exact foreground of render_shape(label, size, rng) (same rng state): its coverage (size, size) in
+    [0, 1], box-filtered as the image. The built-in data's free stand-in for ImageNet-S masks (LNC, SRSS)."""
+    n = size * ss
+    Y, X = (np.mgrid[0:n, 0:n] + 0.5) / n
+    return _placed_mask(label, X, Y, rng).astype(np.float64).reshape(size, ss, size, ss).mean(axis=(1, 3))
+
+
+def render_shape(label, size, rng, ss=2):
+    """One size x size RGB image (uint8 HWC) of class `label`: a roughly centred, randomly scaled, rotated and
+    coloured shape on a smooth background; rendered at ss x resolution and box-filtered (anti-aliased)."""
+    n = size * ss
+    Y, X = (np.mgrid[0:n, 0:n] + 0.5) / n                                     # pixel centres in [0, 1]
+    m = _placed_mask(label, X, Y, rng)[..., None].astype(np.float64)
     bg0, bg1 = rng.random(3), rng.random(3)
     fg = rng.random(3)
     while np.abs(fg - (bg0 + bg1) / 2).sum() < 0.6:  # keep the shape visible against the background
@@ -262,6 +275,10 @@ class BuiltinSource:
     def load(self, i):
         rng = np.random.default_rng([self.seed, self.split, i])
         return Image.fromarray(render_shape(self.labels[i], self.size, rng))
+
+    def mask(self, i):
+        """Foreground coverage (size, size) in [0, 1] of image i."""
+        return render_shape_mask(self.labels[i], self.size, np.random.default_rng([self.seed, self.split, i]))
 
 
 class SubsetSource:
