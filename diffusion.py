@@ -303,29 +303,35 @@ class Transport:
         return torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device) for g in generators]).to(x)
 
     @torch.no_grad()
-    def sample(self, velocity, noise, sampler="euler", num_steps=50, shift=1.0, generators=None):
+    def sample(self, velocity, noise, sampler="euler", num_steps=50, shift=1.0, generators=None, trajectory=None):
         """Integrate velocity(x, t, at) -> v from t = 1 (noise) to t = 0, with the state in float64 and the model
         called on float32, as REPA's samplers.py (`at`: the time whose guidance interval applies; REPA's Heun
         corrector at t_next keeps the decision made at t_cur).
         euler / heun: ODE on shift_time(linspace(1, 0, N + 1)); Heun corrects every step but the last (REPA
         euler_sampler). sde: Euler-Maruyama (REPA euler_maruyama_sampler = SiT's SDE with its default 'sigma'
         diffusion) on linspace(1, 0.04, N) then 0, w(t) = 2t, drift v - w/2 * score with score =
-        (-(1 - t) v - x) / t, noise drawn before the model call, and a deterministic last step."""
+        (-(1 - t) v - x) / t, noise drawn before the model call, and a deterministic last step.
+        trajectory: a list that receives (t, state) at every time of the grid, noise first (ODE trajectory
+        metrics, latent_metrics.trajectory_metrics)."""
         x = noise.double()
+        keep = (lambda t, x: trajectory.append((t, x.float().cpu()))) if trajectory is not None else (lambda t, x: None)
         v = lambda x, t, **at: velocity(x.float(), t, **at).double()
         if sampler in ("euler", "heun"):
             ts = shift_time(torch.linspace(1, 0, num_steps + 1, dtype=torch.float64), shift).tolist()
+            keep(ts[0], x)
             for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
                 d = v(x, t)
                 x_new = x + (t_next - t) * d
                 if sampler == "heun" and i < num_steps - 1:
                     x_new = x + (t_next - t) * 0.5 * (d + v(x_new, t_next, at=t))
                 x = x_new
+                keep(t_next, x)
             return x.float()
         if sampler != "sde":
             raise ValueError(f"sampler {sampler!r}: choose euler, heun or sde")
         ts = torch.cat([torch.linspace(1, 0.04, num_steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
         ts = shift_time(ts, shift).tolist()
+        keep(ts[0], x)
         for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
             eps = self._randn(x, generators) if i < num_steps - 1 else None  # the last step is the mean only
             d = v(x, t)
@@ -334,6 +340,7 @@ class Transport:
             x = x + (t_next - t) * (d - 0.5 * w * score)                     # the drift step
             if eps is not None:
                 x = x + math.sqrt(w * abs(t_next - t)) * eps
+            keep(t_next, x)
         return x.float()
 
 

@@ -9,8 +9,10 @@ Metrics, as a CLI that prints a table and writes JSON.
             torchrun --nproc_per_node=8 evaluate.py recon --ckpt tok.pt --data_path /data/imagenet/val
   latent  latent probes: linear-probe accuracy on flattened normalized latents, MAETok's GMM analysis
             python evaluate.py latent --ckpt tok.pt --data_path ...
+  diffusability  every latent metric of the diffusability study (latent_metrics.py) in one JSON and a PNG
+            python evaluate.py diffusability --tokenizer_ckpt tok.pt [--denoiser_ckpt dit] [--compare a.json,b.json]
 
-Definitions: ../shared/notes/official-implementations.md D, ../shared/notes/latent-metrics.md 2 and 9.
+Definitions: ../shared/notes/official-implementations.md D, ../shared/notes/latent-metrics.md.
 """
 import argparse
 import hashlib
@@ -28,6 +30,7 @@ from scipy.special import xlogy
 from tqdm import tqdm
 
 import data
+from latent_metrics import gmm_nll, linear_probe, pca_dim, pca_standardize
 
 # ----------------------------------------------------------------------------------------------------------
 # statistics and distances (numpy float64, as pytorch-fid and the ADM evaluator)
@@ -125,79 +128,6 @@ def gradient_energy(x):
     reconstruction's to the real image's is the sharpness ratio (1 = as sharp; blur pulls it below 1)."""
     x = x.double()
     return (x[:, 1:] - x[:, :-1]).abs().flatten(1).mean(1) + (x[:, :, 1:] - x[:, :, :-1]).abs().flatten(1).mean(1)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# latent probes (latent-metrics.md sec. 2 and 9)
-
-def linear_probe(z_train, y_train, z_test, y_test, steps=300, weight_decay=1e-4):
-    """Multinomial logistic regression (L-BFGS, full batch) on flattened latents standardized with the
-    training statistics; returns the test accuracy."""
-    z_train, z_test = z_train.flatten(1).double(), z_test.flatten(1).double()
-    mu, sd = z_train.mean(0), z_train.std(0).clamp_min(1e-6)
-    a, b = (z_train - mu) / sd, (z_test - mu) / sd
-    K = int(max(y_train.max(), y_test.max())) + 1
-    W = torch.zeros(a.shape[1], K, dtype=torch.float64, requires_grad=True)
-    c = torch.zeros(K, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([W, c], max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(a @ W + c, y_train) + weight_decay * (W * W).sum()
-        loss.backward()
-        return loss
-    opt.step(closure)
-    with torch.no_grad():
-        return ((b @ W + c).argmax(1) == y_test).double().mean().item()
-
-
-def pca_dim(z, var=0.9):
-    """Smallest number of principal components explaining >= var of the variance."""
-    s = torch.linalg.svdvals(z.double() - z.double().mean(0))
-    ratio = (s ** 2).cumsum(0) / (s ** 2).sum()
-    return int((ratio < var).sum().item()) + 1
-
-
-def pca_standardize(z, dim, *held_out):
-    """Project centred z (N, D) on its top `dim` principal axes, then standardize each axis; held-out sets go
-    through the same map (fitted on z). Returns the projected z, or a list [z, *held_out]."""
-    mu = z.double().mean(0)
-    _, _, V = torch.linalg.svd(z.double() - mu, full_matrices=False)
-    proj = lambda a: (a.double() - mu) @ V[:dim].T
-    sd = proj(z).std(0).clamp_min(1e-12)
-    out = [proj(a) / sd for a in (z, *held_out)]
-    return out if held_out else out[0]
-
-
-def gmm_nll(x, K, iters=200, seed=0, tol=1e-6, x_test=None):
-    """Diagonal-covariance Gaussian mixture fitted by EM (k-means++-style init) on x (N, d); returns the mean
-    negative log-likelihood per sample (nats) of x_test (held out) or, without it, of x itself."""
-    g = torch.Generator().manual_seed(seed)
-    x = x.double()
-    N, d = x.shape
-    centers = [x[torch.randint(N, (1,), generator=g)]]
-    for _ in range(K - 1):  # k-means++ seeding: spread the initial means
-        d2 = torch.cdist(x, torch.cat(centers)).min(1).values ** 2
-        centers.append(x[torch.multinomial(d2 / d2.sum(), 1, generator=g)])
-    mu, var, logw = torch.cat(centers), x.var(0).expand(K, d).clone(), torch.full((K,), -math.log(K), dtype=x.dtype)
-    prev = float("inf")
-    for _ in range(iters):
-        logp = (-0.5 * (((x[:, None] - mu) ** 2) / var + var.log() + math.log(2 * math.pi)).sum(-1)) + logw  # (N, K)
-        ll = torch.logsumexp(logp, dim=1)
-        nll = -ll.mean().item()
-        r = (logp - ll[:, None]).exp()                                      # responsibilities (N, K)
-        nk = r.sum(0) + 1e-10
-        mu = (r.T @ x) / nk[:, None]
-        var = (r.T @ x ** 2) / nk[:, None] - mu ** 2 + 1e-6
-        logw = (nk / N).log()
-        if prev - nll < tol:
-            break
-        prev = nll
-    if x_test is None:
-        return nll
-    xt = x_test.double()
-    logp = (-0.5 * (((xt[:, None] - mu) ** 2) / var + var.log() + math.log(2 * math.pi)).sum(-1)) + logw
-    return -torch.logsumexp(logp, dim=1).mean().item()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -566,11 +496,33 @@ def main(argv=None):
     lat.add_argument("--pca_dim", type=int, default=None, help="GMM: common PCA dim (default: 90%% variance)")
     lat.add_argument("--gmm_k", default="1,2,4,8,16,32,64", help="GMM: comma list of component counts")
     lat.add_argument("--out", default=None, help="JSON output path, the plot beside it (default: in the cache / run)")
+    dif = sub.add_parser("diffusability", help="every latent metric of the diffusability study, JSON + PNG")
+    dif.add_argument("--tokenizer_ckpt", required=True, help="tokenizer run folder, checkpoint or release")
+    dif.add_argument("--data_path", default=data.BUILTIN, help="labelled held-out images (builtin: val split)")
+    dif.add_argument("--train_path", default=None, help="images for statistics / iFID neighbours (default: "
+                     "data_path's train split)")
+    dif.add_argument("--denoiser_ckpt", default=None, help="a diffusion run on this tokenizer: trajectory metrics")
+    dif.add_argument("--num_train", type=int, default=2000, help="train images (statistics, probe, neighbours)")
+    dif.add_argument("--num_val", type=int, default=2000, help="held-out images (every metric)")
+    dif.add_argument("--num_ifid", type=int, default=1000, help="held-out images decoded for iFID / rFID")
+    dif.add_argument("--num_trajectories", type=int, default=256, help="denoiser samples for trajectory metrics")
+    dif.add_argument("--posterior", default="both", choices=["mean", "sample", "both"],
+                     help="KL tokenizers: metrics on the posterior mean, a sample, or both")
+    dif.add_argument("--lnc_k", type=int, default=10, help="LNC neighbours")
+    dif.add_argument("--viv_samples", type=int, default=512, help="Monte-Carlo samples per t node (marginal VIV)")
+    dif.add_argument("--tsne_points", type=int, default=2000, help="uniformity: t-SNE points")
+    dif.add_argument("--tsne_reps", type=int, default=3, help="uniformity: repetitions (VA-VAE: 10)")
+    dif.add_argument("--compare", default="", help="comma list of other diffusability JSONs for the plot")
+    dif.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU")
+    feature_flags(dif, "proxy")
     args = p.parse_args(argv)
     if args.cmd == "latent" and not (args.ckpt or args.cache_path):
         p.error("latent needs --ckpt or --cache_path")
     if getattr(args, "batch_size", 1) <= 0 or getattr(args, "num_images", 1) <= 0:
         p.error("--batch_size and --num_images must be positive")
+    if args.cmd == "diffusability":
+        import diffusability  # the report's orchestration; the metric math is latent_metrics.py
+        return diffusability.run(args)
     return {"gen": cmd_gen, "recon": cmd_recon, "latent": cmd_latent}[args.cmd](args)
 
 

@@ -141,6 +141,79 @@ def fg_pool(u, fg):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# linear probe and MAETok's GMM analysis (sections 2 and 9)
+
+def linear_probe(z_train, y_train, z_test, y_test, steps=300, weight_decay=1e-4):
+    """Multinomial logistic regression (L-BFGS, full batch) on flattened latents standardized with the
+    training statistics; returns the test accuracy."""
+    z_train, z_test = z_train.flatten(1).double(), z_test.flatten(1).double()
+    mu, sd = z_train.mean(0), z_train.std(0).clamp_min(1e-6)
+    a, b = (z_train - mu) / sd, (z_test - mu) / sd
+    K = int(max(y_train.max(), y_test.max())) + 1
+    W = torch.zeros(a.shape[1], K, dtype=torch.float64, requires_grad=True)
+    c = torch.zeros(K, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W, c], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(a @ W + c, y_train) + weight_decay * (W * W).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    with torch.no_grad():
+        return ((b @ W + c).argmax(1) == y_test).double().mean().item()
+
+
+def pca_dim(z, var=0.9):
+    """Smallest number of principal components explaining >= var of the variance."""
+    s = torch.linalg.svdvals(z.double() - z.double().mean(0))
+    ratio = (s ** 2).cumsum(0) / (s ** 2).sum()
+    return int((ratio < var).sum().item()) + 1
+
+
+def pca_standardize(z, dim, *held_out):
+    """Project centred z (N, D) on its top `dim` principal axes, then standardize each axis; held-out sets go
+    through the same map (fitted on z). Returns the projected z, or a list [z, *held_out]."""
+    mu = z.double().mean(0)
+    _, _, V = torch.linalg.svd(z.double() - mu, full_matrices=False)
+    proj = lambda a: (a.double() - mu) @ V[:dim].T
+    sd = proj(z).std(0).clamp_min(1e-12)
+    out = [proj(a) / sd for a in (z, *held_out)]
+    return out if held_out else out[0]
+
+
+def gmm_nll(x, K, iters=200, seed=0, tol=1e-6, x_test=None):
+    """Diagonal-covariance Gaussian mixture fitted by EM (k-means++-style init) on x (N, d); returns the mean
+    negative log-likelihood per sample (nats) of x_test (held out) or, without it, of x itself."""
+    g = torch.Generator().manual_seed(seed)
+    x = x.double()
+    N, d = x.shape
+    centers = [x[torch.randint(N, (1,), generator=g)]]
+    for _ in range(K - 1):  # k-means++ seeding: spread the initial means
+        d2 = torch.cdist(x, torch.cat(centers)).min(1).values ** 2
+        centers.append(x[torch.multinomial(d2 / d2.sum(), 1, generator=g)])
+    mu, var, logw = torch.cat(centers), x.var(0).expand(K, d).clone(), torch.full((K,), -math.log(K), dtype=x.dtype)
+    prev = float("inf")
+    for _ in range(iters):
+        logp = (-0.5 * (((x[:, None] - mu) ** 2) / var + var.log() + math.log(2 * math.pi)).sum(-1)) + logw  # (N, K)
+        ll = torch.logsumexp(logp, dim=1)
+        nll = -ll.mean().item()
+        r = (logp - ll[:, None]).exp()                                      # responsibilities (N, K)
+        nk = r.sum(0) + 1e-10
+        mu = (r.T @ x) / nk[:, None]
+        var = (r.T @ x ** 2) / nk[:, None] - mu ** 2 + 1e-6
+        logw = (nk / N).log()
+        if prev - nll < tol:
+            break
+        prev = nll
+    if x_test is None:
+        return nll
+    xt = x_test.double()
+    logp = (-0.5 * (((xt[:, None] - mu) ** 2) / var + var.log() + math.log(2 * math.pi)).sum(-1)) + logw
+    return -torch.logsumexp(logp, dim=1).mean().item()
+
+
+# ----------------------------------------------------------------------------------------------------------
 # spatial structure (section 3), on tokens with integer grid positions
 
 def grid_coords(h, w):
@@ -160,8 +233,7 @@ def spatial_metrics(u, pos, fg=None, far=6, dmax=8, d_pos=1, d_neg=6):
     s = torch.stack([K[:, d == dd].mean(1) for dd in ds], 1)                 # (N, len(ds))
     x = torch.tensor(ds, dtype=torch.float64)
     slope = ((x - x.mean()) * (s - s.mean(1, keepdim=True))).sum(1) / ((x - x.mean()) ** 2).sum()
-    rmsc = (1 - uh.mean(1).pow(2).sum(-1)).clamp_min(0).sqrt()
-    out = {"lds": lds.mean().item(), "cds": (-slope).mean().item(), "rmsc": rmsc.mean().item()}
+    out = {"lds": lds.mean().item(), "cds": (-slope).mean().item(), "rmsc": rmsc(u)}
     if fg is not None:
         vals = []
         for Ki, m in zip(K, fg):
@@ -181,6 +253,12 @@ def spatial_metrics(u, pos, fg=None, far=6, dmax=8, d_pos=1, d_neg=6):
         out["srss"] = float(np.nanmean(vals)) if not all(map(math.isnan, vals)) else float("nan")
         out["srss_images"] = int(sum(not math.isnan(v) for v in vals))
     return out
+
+
+def rmsc(u):
+    """Token diversity sqrt(1 - |mean_t u_t / |u_t||^2) per image, averaged (needs no grid)."""
+    uh = F.normalize(u.double(), dim=-1)
+    return (1 - uh.mean(1).pow(2).sum(-1)).clamp_min(0).sqrt().mean().item()
 
 
 # ----------------------------------------------------------------------------------------------------------

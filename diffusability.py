@@ -1,0 +1,233 @@
+"""
+`python evaluate.py diffusability`: every latent metric of the diffusability study for one tokenizer, in one
+JSON and a PNG (the metric math is latent_metrics.py; definitions and section numbers:
+../shared/notes/latent-metrics.md).
+
+  python evaluate.py diffusability --tokenizer_ckpt results/001-tiny --proxy_ckpt proxy.pt \
+      [--denoiser_ckpt results/002-tiny] [--compare other/diffusability.json,...]
+  torchrun --nproc_per_node=8 evaluate.py diffusability --tokenizer_ckpt ... --data_path /data/imagenet/val \
+      --train_path /data/imagenet/train --feature_net inception --num_val 50000
+
+Latents are normalised per channel with train statistics, as the denoiser sees them; KL tokenizers are measured
+on the posterior mean and on a sample (`posterior_sample`). The images are encoded across ranks; the metrics run
+on rank 0.
+"""
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+import data
+import latent_metrics as lm
+import mactok
+from diffusion import DiT, DiTConfig, Transport, guided_velocity
+from engine import autocast_context, load_checkpoint
+from evaluate import frechet_distance, gather_to_rank0, gaussian_stats, report, run_folder, setup
+from tokenizer import from_checkpoint
+
+
+def encode_split(tok, src, idx, device, ctx, rank, world, sample=False, batch_size=128):
+    """Latents (posterior mean, or a sample) of src[idx], encoded across ranks, on rank 0 (None elsewhere)."""
+    ds = data.ImageDataset(src, tok.image_size, train=False)
+    mine, out = idx[rank::world], []
+    for b in tqdm(range(0, len(mine), batch_size), desc="encoding", disable=rank != 0):
+        x = torch.stack([ds[i][0] for i in mine[b:b + batch_size]]).to(device)
+        with torch.no_grad(), ctx:
+            z = mactok.sample_posterior(*tok.moments(x)) if sample else tok.encode(x)
+        out.append(z.float().cpu())
+    parts = gather_to_rank0(torch.cat(out), rank, world)
+    if parts is None:
+        return None
+    z = torch.empty(len(idx), *parts[0].shape[1:])
+    for r, p in enumerate(parts):
+        z[r::world] = p
+    return z
+
+
+def token_layout(tok, trained):
+    """(grid, positions (T, 2), patch -> token map) where a spatial reading exists: MacTok's local alignment
+    (in the config it was trained with, `trained`) gives token j the patches j N/L ... consecutively, a
+    (g, g L / N) token grid; None for free 1D tokens."""
+    c = tok.cfg
+    if "local" not in trained.get("align", ()) or c.num_patches % c.num_latent_tokens:
+        return None
+    per, g = c.num_patches // c.num_latent_tokens, c.grid_size
+    if g % per:
+        return None
+    grid = (g, g // per)
+    return grid, lm.grid_coords(*grid), torch.arange(c.num_patches) // per
+
+
+def fg_tokens(src, idx, tok, layout):
+    """Foreground per token (N, T): a patch is FG if any of its pixels is (coverage > 0.5), a token if any of
+    its patches is (iREPA's max-pool)."""
+    p = tok.cfg.patch_size
+    m = torch.stack([torch.from_numpy(src.mask(i) > 0.5) for i in idx]).float()[:, None]
+    patch = F.max_pool2d(m, p).flatten(1) > 0                                  # (N, num_patches)
+    owner = layout[2]
+    return torch.stack([patch[:, owner == j].any(1) for j in range(int(owner.max()) + 1)], 1)
+
+
+def diffusability_metrics(z_tr, y_tr, z_va, y_va, layout, fg, args):
+    """Every latent-only metric on normalised latents (train statistics)."""
+    mean, std = z_tr.mean((0, 1)), z_tr.std((0, 1)).clamp_min(1e-8)
+    u_tr, u_va = (z_tr - mean) / std, (z_va - mean) / std
+    res = {}
+    v = lm.viv(u_va, y_va)
+    res.update({"viv": v["viv"], "viv_norm": v["viv_norm"]})
+    res.update(lm.viv_marginal(u_va, y_va, samples=args.viv_samples))
+    ts = [i / 20 for i in range(21)]
+    res["iv_curve"] = {"t": ts, "iv_per_dim": lm.iv_curve(v["eigs"], ts)}
+    U = torch.stack([lm.flip_flop(u_va[y_va == c])[0] for c in torch.unique(y_va)]).mean(0)
+    res.update(lm.sec_1d(torch.linalg.eigvalsh(U)))
+    res["lnc"] = lm.lnc(u_va.flatten(1), y_va, args.lnc_k)                   # 1D tokens: the flattened latent
+    res["linear_probe_accuracy"] = lm.linear_probe(u_tr, y_tr, u_va, y_va)
+    dim = lm.pca_dim(u_tr.flatten(1), 0.9)
+    x_tr, x_va = lm.pca_standardize(u_tr.flatten(1), dim, u_va.flatten(1))
+    res.update({"gmm_pca_dim": dim, "gmm_nll_per_dim_k10": lm.gmm_nll(x_tr, 10, x_test=x_va) / dim})
+    if layout is not None:  # token footprints on the image grid
+        grid, pos, _ = layout
+        H = grid[0]
+        far, dmax = max(2, round(6 * H / 16)), max(3, round(8 * H / 16))
+        res.update({f"footprint_{k}": val for k, val in
+                    lm.spatial_metrics(u_va, pos, fg, far, dmax, 1, far).items()})
+        f, keep = lm.fg_pool(u_va, fg)
+        res["lnc_fg"] = lm.lnc(f, y_va[keep], args.lnc_k)
+        res.update({f"footprint_{k}": val for k, val in lm.sec(u_va, grid).items()})
+    res["rmsc"] = lm.rmsc(u_va)                                              # needs no grid
+    n = min(args.tsne_points, len(u_va))
+    res.update(lm.latent_uniformity(u_va[:n], reps=args.tsne_reps))
+    return res
+
+
+def run(args):
+    _, rank, world, device, feats = setup(args)
+    _, ctx = autocast_context(args.precision, device)
+    ckpt = load_checkpoint(args.tokenizer_ckpt)
+    tok = from_checkpoint(ckpt).to(device).eval()
+    try:
+        train = data.build_source(args.train_path or args.data_path, tok.image_size, "train", args.num_train)
+        val = data.build_source(args.data_path, tok.image_size, "val", args.num_val)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    i_tr, i_va = data.balanced_subset(train.labels, args.num_train), data.balanced_subset(val.labels, args.num_val)
+    y_tr, y_va = (torch.tensor([s.labels[i] for i in ix]) for s, ix in ((train, i_tr), (val, i_va)))
+    kl = hasattr(tok, "moments")
+    variants = {"mean": False, "sample": True} if kl and args.posterior == "both" else \
+        {args.posterior if kl else "mean": args.posterior == "sample" and kl}
+    layout = token_layout(tok, ckpt["config"])
+    fg = fg_tokens(val, i_va, tok, layout) if layout is not None and hasattr(val, "mask") else None
+    res = {"tokenizer": args.tokenizer_ckpt, "family": tok.cfg.family, "latent_shape": list(tok.latent_shape),
+           "num_train": len(i_tr), "num_val": len(i_va), "normalisation": "per channel, train statistics",
+           "footprints": None if layout is None else list(layout[0])}
+    for name, sample in variants.items():
+        z_tr = encode_split(tok, train, i_tr, device, ctx, rank, world, sample)
+        z_va = encode_split(tok, val, i_va, device, ctx, rank, world, sample)
+        if rank != 0:
+            continue
+        m = diffusability_metrics(z_tr, y_tr, z_va, y_va, layout, fg, args)
+        if name == "mean":
+            res.update(m)
+        else:
+            res["posterior_sample"] = m
+        if name == "mean":
+            res.update(diffusability_decoded(tok, z_tr, z_va, val, i_va, feats, device, ctx, args))
+    if rank == 0 and args.denoiser_ckpt:
+        res.update(trajectory_report(args, device, ctx))
+    out = args.out or os.path.join(run_folder(args.tokenizer_ckpt), "diffusability.json")
+    if rank == 0:
+        flat = {k: v for k, v in res.items() if not isinstance(v, (dict, list)) or k == "latent_shape"}
+        report(flat, "latent diffusability (latent-metrics.md)", out, rank)
+        with open(out, "w") as f:
+            json.dump(res, f, indent=1)
+        plot_diffusability(res, [json.load(open(c)) for c in args.compare.split(",") if c], out[:-5] + ".png")
+    return res
+
+
+def diffusability_decoded(tok, z_tr, z_va, val, i_va, feats, device, ctx, args):
+    """iFID (SLERP at 0.5 to a train neighbour, decoded) and rFID in the same feature space, and the
+    equivariance of the encoder (1D tokens: the learned-linear R^2 of section 10)."""
+    g = torch.Generator().manual_seed(0)
+    ds = data.ImageDataset(val, tok.image_size, train=False)
+    n = min(args.num_ifid, len(i_va))
+    x = torch.stack([ds[i][0] for i in i_va[:n]])
+    dec = lambda z: torch.cat([tok.decode(c.to(device)).float().cpu() for c in z.split(128)])
+    enc = lambda x: torch.cat([tok.encode(c.to(device)).float().cpu() for c in x.split(128)])
+    with torch.no_grad(), ctx:
+        interp = dec(lm.slerp(z_va[:n], lm.neighbours(z_va[:n], z_tr, generator=g)))
+        rec = dec(z_va[:n])
+        f_real, f_int, f_rec = (feats(data.to_uint8(im)) ["pool"] for im in (x, interp, rec))
+        half = n // 2
+        eq = lm.linear_equivariance(enc, x[:half], x[half:])
+    mu_r, s_r = gaussian_stats(f_real)
+    ifid = frechet_distance(*gaussian_stats(f_int), mu_r, s_r)
+    rfid = frechet_distance(*gaussian_stats(f_rec), mu_r, s_r)
+    tag = "proxy_" if feats.kind == "proxy" else ""
+    return {f"{tag}ifid": ifid, f"{tag}rfid": rfid, **eq}
+
+
+def trajectory_report(args, device, ctx):
+    """ODE trajectory metrics of a trained denoiser: Euler, 50 steps, no CFG (the paper's), balanced labels."""
+    ck = load_checkpoint(args.denoiser_ckpt)
+    model = DiT(DiTConfig(**ck["config"])).to(device).eval()
+    model.load_state_dict(ck["ema"])
+    c = model.cfg
+    g = torch.Generator().manual_seed(0)
+    y = (torch.arange(args.num_trajectories) % max(c.num_classes, 1)).to(device)
+    noise = torch.randn(args.num_trajectories, c.num_tokens, c.in_channels, generator=g).to(device)
+    traj = []
+    with ctx:
+        Transport().sample(guided_velocity(model, y if c.num_classes else None), noise, "euler", 50, trajectory=traj)
+    ts, states = [t for t, _ in traj], torch.stack([x for _, x in traj])
+    m = lm.trajectory_metrics(states, ts)
+    return {"trajectory_" + k: v for k, v in m.items()}
+
+
+def run_name(path):
+    """A run folder's name (for a checkpoint file: its run's)."""
+    path = os.path.normpath(path)
+    if os.path.isfile(path):
+        path = os.path.dirname(os.path.dirname(path)) if os.path.basename(os.path.dirname(path)) == "checkpoints" \
+            else os.path.dirname(path)
+    return os.path.basename(path)
+
+
+def plot_diffusability(res, refs, path, W=760, H=420):
+    """Bars of the headline metrics (this tokenizer and the --compare ones, each metric scaled to its largest
+    value) and IV(t) / D for each, drawn with PIL."""
+    keys = [k for k in ("viv_norm", "viv_marginal_norm", "lnc", "linear_probe_accuracy", "footprint_srss",
+                        "footprint_lds", "sec1d_0.5", "density_cv", "proxy_ifid", "eq_linear_r2_rot90",
+                        "trajectory_global_efficiency") if isinstance(res.get(k), float)]
+    runs = [res] + refs
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    row, x0, bw = (H - 60) / max(len(keys), 1), 150, 260
+    for i, k in enumerate(keys):
+        vals = [r.get(k) for r in runs]
+        top = max(abs(v) for v in vals if isinstance(v, float)) or 1
+        y = 30 + i * row
+        d.text((8, y + row / 2 - 6), k, fill="black")
+        for j, v in enumerate(vals):
+            if isinstance(v, float):
+                h = row * 0.8 / len(runs)
+                d.rectangle([x0, y + j * h, x0 + bw * abs(v) / top, y + (j + 1) * h - 1], fill=colours[j % 6])
+                d.text((x0 + bw * abs(v) / top + 4, y + j * h), f"{v:.3g}", fill="black")
+    px, py, pw, ph = 470, 40, 270, 300                                         # IV(t) / D
+    d.rectangle([px, py, px + pw, py + ph], outline="black")
+    curves = [r["iv_curve"] for r in runs if "iv_curve" in r]
+    top = max(max(c["iv_per_dim"]) for c in curves) if curves else 1
+    for j, c in enumerate(curves):
+        pts = [(px + pw * t, py + ph - ph * v / top) for t, v in zip(c["t"], c["iv_per_dim"])]
+        d.line(pts, fill=colours[j % 6], width=2)
+    d.text((px, py - 16), f"IV(t) / D (0 .. {top:.3g}); t = 1 noise", fill="black")
+    d.text((px, py + ph + 6), "t = 0", fill="black")
+    d.text((px + pw - 30, py + ph + 6), "t = 1", fill="black")
+    for j, r in enumerate(runs):
+        d.text((px, py + ph + 24 + 14 * j), run_name(str(r.get("tokenizer"))), fill=colours[j % 6])
+    img.save(path)
+    print(f"wrote {path}")
