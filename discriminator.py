@@ -203,6 +203,32 @@ def dino_discriminator(trunk, kernel_size=9):
 # ----------------------------------------------------------------------------------------------------------
 # losses (official vq_loss.py)
 
+class NLayerDiscriminator(nn.Module):
+    """The LDM PatchGAN (taming-transformers / VA-VAE, AlignTok's inferred discriminator; wave2-spec c.2): 4x4
+    convs 3 -> 64 (stride 2) -> 128 -> 256 (stride 2, BN) -> 512 (stride 1, BN) -> 1 logit per patch; LeakyReLU
+    0.2; (B, 1, 30, 30) at 256 px; 2,765,633 parameters; init N(0, 0.02) convs, N(1, 0.02) BN weights."""
+
+    def __init__(self, in_ch=3, ndf=64, n_layers=3):
+        super().__init__()
+        layers, c = [nn.Conv2d(in_ch, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)], ndf
+        for n in range(1, n_layers + 1):
+            c_out = ndf * min(2 ** n, 8)
+            layers += [nn.Conv2d(c, c_out, 4, 2 if n < n_layers else 1, 1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.LeakyReLU(0.2, True)]
+            c = c_out
+        layers.append(nn.Conv2d(c, 1, 4, 1, 1))
+        self.main = nn.Sequential(*layers)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.main(x)
+
+
 def hinge_d(real, fake):
     return 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
 

@@ -1,0 +1,187 @@
+"""
+AlignTok's conv parts: the LDM / VA-VAE convolutional autoencoder (Rombach et al. 2022; VA-VAE, Yao et al. 2025,
+github.com/hustvl/LightningDiT vavae/ldm/modules/diffusionmodules/model.py at 2725fed), with the official
+state-dict names so that a VA-VAE checkpoint loads.
+
+"Aligning Visual Foundation Encoders to Tokenizers for Diffusion Models" (AlignTok) reuses VA-VAE's decoder:
+post_quant_conv (1x1, 32 -> 32) + Decoder(z 32, ch 128, ch_mult (1, 1, 2, 2, 4), 2 res-blocks, attention at
+16 x 16) = 41,417,603 + 1,056 parameters (../shared/notes/wave2-spec.md c.1). The VA-VAE encoder is here too: it is
+the conv encoder of the 2D-grid baselines.
+
+  ResnetBlock   GroupNorm(32, 1e-6) -> swish -> 3x3 conv, twice; 1x1 nin_shortcut when the width changes; no temb
+  AttnBlock     one head over the H*W positions, 1x1 q / k / v / proj_out, residual
+  Encoder       conv_in -> levels (blocks [+ attn], Downsample = pad (0, 1, 0, 1) + 3x3 stride-2 conv) -> mid -> out
+  Decoder       conv_in -> mid (block, attn, block) -> levels from the lowest resolution (blocks + 1 [+ attn],
+                Upsample = nearest x2 + 3x3 conv) -> norm_out -> swish -> conv_out; no tanh. `up.0` is the
+                full-resolution level and runs last (the official code prepends each level)
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class LDMConfig:
+    z_channels: int = 32
+    ch: int = 128
+    ch_mult: tuple = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple = (16,)
+    resolution: int = 256  # fixes where attention goes: the level at resolution / 2^i in attn_resolutions
+    in_channels: int = 3
+    out_ch: int = 3
+    double_z: bool = True   # the encoder's conv_out gives mean and log-variance (a KL-VAE)
+
+
+def norm(c):
+    return nn.GroupNorm(32, c, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+
+
+class AttnBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.norm = norm(c)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (m(h).flatten(2).transpose(1, 2).unsqueeze(1) for m in (self.q, self.k, self.v))  # (B, 1, HW, C)
+        out = F.scaled_dot_product_attention(q, k, v)                         # scale C^-1/2, as official
+        return x + self.proj_out(out.squeeze(1).transpose(1, 2).reshape(B, C, H, W))
+
+
+class Downsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))                            # asymmetric pad (official)
+
+
+class Upsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution of the encoder or the decoder: `block`, `attn` and `downsample` / `upsample`."""
+
+    def __init__(self, blocks, attn, resample=None, name=None):
+        super().__init__()
+        self.block, self.attn = nn.ModuleList(blocks), nn.ModuleList(attn)
+        if resample is not None:
+            setattr(self, name, resample)
+        self.resample_name = name if resample is not None else None
+
+    def forward(self, x):
+        for i, blk in enumerate(self.block):
+            x = blk(x)
+            if len(self.attn):
+                x = self.attn[i](x)
+        return getattr(self, self.resample_name)(x) if self.resample_name else x
+
+
+def mid_block(c):
+    m = nn.Module()
+    m.block_1, m.attn_1, m.block_2 = ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)
+    return m
+
+
+class Encoder(nn.Module):
+    """(B, 3, H, W) -> (B, 2 z or z, H / 2^(L-1), W / 2^(L-1))."""
+
+    def __init__(self, cfg: LDMConfig):
+        super().__init__()
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        levels, c_in, res = [], cfg.ch, cfg.resolution
+        for i, m in enumerate(cfg.ch_mult):
+            c_out = cfg.ch * m
+            blocks = [ResnetBlock(c_in if j == 0 else c_out, c_out) for j in range(cfg.num_res_blocks)]
+            attn = [AttnBlock(c_out) for _ in blocks] if res in cfg.attn_resolutions else []
+            last = i == len(cfg.ch_mult) - 1
+            levels.append(Level(blocks, attn, None if last else Downsample(c_out), "downsample"))
+            c_in, res = c_out, res if last else res // 2
+        self.down = nn.ModuleList(levels)
+        self.mid = mid_block(c_in)
+        self.norm_out = norm(c_in)
+        self.conv_out = nn.Conv2d(c_in, 2 * cfg.z_channels if cfg.double_z else cfg.z_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        m = self.mid
+        h = m.block_2(m.attn_1(m.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """(B, z, h, w) -> (B, 3, h 2^(L-1), w 2^(L-1))."""
+
+    def __init__(self, cfg: LDMConfig):
+        super().__init__()
+        L = len(cfg.ch_mult)
+        c = cfg.ch * cfg.ch_mult[-1]
+        res = cfg.resolution // 2 ** (L - 1)
+        self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
+        self.mid = mid_block(c)
+        levels = [None] * L
+        for i in reversed(range(L)):  # lowest resolution first; stored at index i (official `up.insert(0, ...)`)
+            c_out = cfg.ch * cfg.ch_mult[i]
+            blocks = [ResnetBlock(c if j == 0 else c_out, c_out) for j in range(cfg.num_res_blocks + 1)]
+            attn = [AttnBlock(c_out) for _ in blocks] if res in cfg.attn_resolutions else []
+            levels[i] = Level(blocks, attn, Upsample(c_out) if i else None, "upsample")
+            c, res = c_out, res * 2 if i else res
+        self.up = nn.ModuleList(levels)
+        self.norm_out = norm(c)
+        self.conv_out = nn.Conv2d(c, cfg.out_ch, 3, padding=1)
+
+    def forward(self, z):
+        h = self.conv_in(z)
+        m = self.mid
+        h = m.block_2(m.attn_1(m.block_1(h)))
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class AutoencoderKL(nn.Module):
+    """VA-VAE's inference wrapper (tokenizer/autoencoder.py): quant_conv, post_quant_conv, Gaussian posterior
+    with the log-variance clamped to [-30, 20]. Latents here are NCHW, as the official code's."""
+
+    def __init__(self, cfg: LDMConfig, embed_dim=32):
+        super().__init__()
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(embed_dim, cfg.z_channels, 1)
+
+    def moments(self, x):
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z):
+        return self.decoder(self.post_quant_conv(z))
+
+
+VAVAE_F16D32 = LDMConfig()  # tokenizer/configs/vavae_f16d32.yaml: the decoder AlignTok reuses
