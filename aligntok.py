@@ -21,6 +21,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pretrained import IMAGENET_MEAN, IMAGENET_STD, DinoViT, dinov2_config
+from proxy import ProxyConfig, ProxyNet
+from vit import PatchGrid
+
 
 @dataclass
 class LDMConfig:
@@ -185,3 +189,124 @@ class AutoencoderKL(nn.Module):
 
 
 VAVAE_F16D32 = LDMConfig()  # tokenizer/configs/vavae_f16d32.yaml: the decoder AlignTok reuses
+
+
+# ----------------------------------------------------------------------------------------------------------
+# AlignTok: a foundation encoder -> per-token adapter -> VA-VAE's conv decoder; z (B, H*W, C) on a grid
+
+@dataclass
+class AlignTokConfig(PatchGrid):
+    family: str = "aligntok"
+    image_size: int = 256
+    patch_size: int = 16          # pixels per latent cell: f16, a 16 x 16 grid at 256 px
+    # 'dinov2': the paper's ViT-L/14 on the image resized to 224 (16 x 16 patch tokens); 'proxy': offline, the
+    # proxy classifier's stages 1-3 (a stride-4 grid), always reported by name
+    encoder: str = "dinov2"
+    dinov2_arch: str = "vitl14"
+    proxy_width: int = 16
+    enc_dim: int = 1024
+    adapter_hidden: int = 1024    # [CHOICE] the paper's 2-layer MLP width and activation (GELU) are not given
+    latent_dim: int = 32          # no KL (the paper: it only constrains the distribution)
+    dec_ch: int = 128
+    dec_ch_mult: tuple = (1, 1, 2, 2, 4)
+    dec_res_blocks: int = 2
+    dec_attn: tuple = (16,)
+
+    @property
+    def ldm(self):
+        return LDMConfig(z_channels=self.latent_dim, ch=self.dec_ch, ch_mult=tuple(self.dec_ch_mult),
+                         num_res_blocks=self.dec_res_blocks, attn_resolutions=tuple(self.dec_attn),
+                         resolution=self.image_size)
+
+
+class DINOv2Encoder(nn.Module):
+    """Trainable DINOv2 (stage 2): [-1, 1] images resized to 224 (bicubic) and ImageNet-normalised -> the
+    final-norm patch tokens (B, 256, D); cls and registers dropped."""
+
+    def __init__(self, arch):
+        super().__init__()
+        self.vit = DinoViT(dinov2_config(arch))
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x):
+        x = F.interpolate(x, size=(224, 224), mode="bicubic", align_corners=False)
+        x = ((x + 1) / 2 - self.mean) / self.std
+        return self.vit.forward_features(x)["x_norm_patchtokens"]
+
+
+class ProxyEncoder(nn.Module):
+    """The proxy CNN's stages 1-3 as the offline "foundation encoder": (B, 4 w, s / 4, s / 4) -> tokens. Its
+    BatchNorms stay in eval mode when it is fine-tuned ([CHOICE]: the running statistics are the pretrained ones)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.trunk = ProxyNet(ProxyConfig(width=width)).trunk[:18]           # stages 1-3 of proxy.ProxyNet
+
+    def train(self, mode=True):
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+        return self
+
+    def forward(self, x):
+        return self.trunk(x).flatten(2).transpose(1, 2)                      # (B, N, 4 w)
+
+
+class AlignTok(nn.Module):
+    """encode: E_p(x) (B, N, D) -> adapter (per token 2-layer MLP) -> z (B, N, C); decode: z on its grid ->
+    post_quant_conv -> LDM decoder. forward: the L1 reconstruction term (the trainer adds LPIPS, the GAN and the
+    semantic-preservation term)."""
+
+    TRAIN_ONLY = ()
+
+    def __init__(self, cfg: AlignTokConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = DINOv2Encoder(cfg.dinov2_arch) if cfg.encoder == "dinov2" else ProxyEncoder(cfg.proxy_width)
+        self.adapter = nn.Sequential(nn.Linear(cfg.enc_dim, cfg.adapter_hidden), nn.GELU(),
+                                     nn.Linear(cfg.adapter_hidden, cfg.latent_dim))
+        self.post_quant_conv = nn.Conv2d(cfg.latent_dim, cfg.latent_dim, 1)
+        self.decoder = Decoder(cfg.ldm)
+
+    latent_shape = property(lambda self: (self.cfg.num_patches, self.cfg.latent_dim))
+    grid = property(lambda self: (self.cfg.grid_size, self.cfg.grid_size))
+    image_size = property(lambda self: self.cfg.image_size)
+
+    def last_layer(self):
+        """The decoder's conv_out weight: where VA-VAE's adaptive GAN weight is measured."""
+        return self.decoder.conv_out.weight
+
+    def encoder_last_layer(self):
+        """The adapter's last Linear, which makes z ([CHOICE] for the paper's 'last layer of the encoder')."""
+        return self.adapter[-1].weight
+
+    def encode(self, x, mask=None):
+        return self.adapter(self.encoder(x))                                 # (B, N, C)
+
+    def decode(self, z):
+        g = self.cfg.grid_size
+        return self.decoder(self.post_quant_conv(z.transpose(1, 2).unflatten(2, (g, g))))
+
+    def sample_mask(self, B, device, ratio=None, teacher=None):
+        return None
+
+    def teach(self, x):
+        return None
+
+    def forward(self, x, mask=None, teacher=None):
+        z = self.encode(x)
+        rec = self.decode(z)
+        pixel = F.l1_loss(rec.float(), x.float())
+        return {"pixel": pixel, "loss": pixel, "rec": rec, "z": z}
+
+
+PRESETS = {
+    # the paper's ImageNet tokenizer: DINOv2-L/14 (304M), adapter 1024 -> 1024 -> 32, VA-VAE f16d32's decoder
+    "AlignTok-L-f16d32": dict(family="aligntok"),
+    # CPU (wave2-spec c.7): 32 px, the proxy's stride-4 grid (8 x 8), adapter 64 -> 64 -> 8, a small LDM decoder
+    # (ch 32, ch_mult (1, 2, 2), 2 res-blocks, attention at 8 x 8)
+    "AlignTok-tiny": dict(family="aligntok", image_size=32, patch_size=4, encoder="proxy", enc_dim=64,
+                          adapter_hidden=64, latent_dim=8, dec_ch=32, dec_ch_mult=(1, 2, 2), dec_attn=(8,)),
+}

@@ -372,6 +372,7 @@ PRESETS = {
     # CPU quick start: narrow, so more steps fit in its 6 minutes. Same wall clock on 2 cores (samples classified
     # at CFG 4): 192 x 6 for 2000 steps 52%, 128 x 6 for 3600 steps 63%, 128 x 4 for 5500 63%, 96 x 6 for 5000 58%
     "tiny": dict(width=128, depth=6, heads=4, **SIT),
+    "LightningDiT-tiny": dict(width=128, depth=6, heads=4, **LIGHTNING),  # the tiny size for 2D-grid latents
 }
 # SiT: AdamW lr 1e-4, wd 0, batch 256, constant lr, uniform t. LightningDiT: lr 2e-4, beta2 0.95, batch 1024,
 # logit-normal t, cosine loss (official-implementations.md C.2, C.3, C.6)

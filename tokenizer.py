@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from aligntok import AlignTok, AlignTokConfig
 from mactok import PRESETS as MACTOK_PRESETS
 from mactok import MacTok, MacTokConfig
 from vit import MLP, Attention, Block, PatchGrid, RoPE2D, grid_positions, unpatchify
@@ -256,7 +257,8 @@ STAGES = {
     },
 }
 # what a stage without the training-only parts drops, per family (and every released-style checkpoint)
-TRAIN_ONLY = {"maetok": dict(aux_targets=()), "mactok": dict(align=(), kl_weight=0.0, mask_tokens="none")}
+TRAIN_ONLY = {"maetok": dict(aux_targets=()), "mactok": dict(align=(), kl_weight=0.0, mask_tokens="none"),
+              "aligntok": dict()}
 NO_DECAY = ("pos_embed", "cls_token", "mask_token", "latent_tokens", "rope.freqs", "recon_token", "gamma")
 
 
@@ -432,7 +434,10 @@ RECIPES.update({
 })
 RECIPES["MacTok-B-64"] = RECIPES["MacTok-B-128"]
 PRESETS.update(MACTOK_PRESETS)
-FAMILIES = {"maetok": (TokenizerConfig, MAETok), "mactok": (MacTokConfig, MacTok)}
+# AlignTok (aligntok.py) builds, encodes, decodes, caches and samples through the chain; its three-stage training
+# (L_sp, the PatchGAN) is not in train_tokenizer.py yet, so its presets are aligntok.PRESETS, not these
+FAMILIES = {"maetok": (TokenizerConfig, MAETok), "mactok": (MacTokConfig, MacTok),
+            "aligntok": (AlignTokConfig, AlignTok)}
 
 
 def make_config(preset, **overrides):

@@ -56,3 +56,53 @@ def test_patchgan_size_and_output_grid():
         assert NLayerDiscriminator()(torch.empty(2, 3, 256, 256, device="meta")).shape == (2, 1, 30, 30)
     convs = [m for m in d.modules() if isinstance(m, torch.nn.Conv2d)]
     assert abs(convs[1].weight.std().item() - 0.02) < 0.002  # LDM weights_init: N(0, 0.02)
+
+
+def test_aligntok_shapes_presets_and_frozen_proxy_statistics():
+    from aligntok import PRESETS, AlignTok, AlignTokConfig
+    with torch.device("meta"):
+        big = AlignTok(AlignTokConfig(**PRESETS["AlignTok-L-f16d32"]))
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert (count(big.encoder), count(big.adapter), count(big.decoder), count(big.post_quant_conv)) == \
+        (304_368_640, 1_082_400, 41_417_603, 1_056)            # DINOv2-L/14, the MLP adapter, VA-VAE's decoder
+    with torch.no_grad():
+        z = big.encode(torch.empty(1, 3, 256, 256, device="meta"))
+        assert z.shape == (1, 256, 32) and big.grid == (16, 16)
+        assert big.decode(z).shape == (1, 3, 256, 256)
+    torch.manual_seed(0)
+    tiny = AlignTok(AlignTokConfig(**PRESETS["AlignTok-tiny"])).train()
+    assert all(not m.training for m in tiny.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    out = tiny(x)
+    assert out["z"].shape == (2, 64, 8) and out["rec"].shape == x.shape
+    out["loss"].backward()
+    assert all(p.grad is not None for p in tiny.parameters())
+
+
+def test_a_2d_grid_tokenizer_feeds_lightningdit_end_to_end(tmp_path):
+    """AlignTok-tiny's (B, 8*8, 8) grid latents: cache (grid recorded) -> LightningDiT with 2D RoPE -> samples."""
+    from dataclasses import asdict
+
+    import cache_latents
+    import sample
+    import train_diffusion
+    from aligntok import PRESETS, AlignTok, AlignTokConfig
+    from data import LatentCache
+    from engine import save_checkpoint
+    torch.manual_seed(0)
+    tok = AlignTok(AlignTokConfig(**PRESETS["AlignTok-tiny"]))
+    path = str(tmp_path / "tok.pt")
+    save_checkpoint({"model": tok.state_dict(), "ema": tok.state_dict(), "step": 0, "config": asdict(tok.cfg),
+                     "args": {}}, path)
+    cache = str(tmp_path / "cache")
+    cache_latents.main(["--tokenizer_ckpt", path, "--cache_path", cache, "--builtin_size", "32", "--batch_size", "16",
+                        "--num_workers", "0"])
+    assert tuple(LatentCache(cache).meta["grid"]) == (8, 8)
+    run = train_diffusion.main(["--model", "LightningDiT-tiny", "--cache_path", cache, "--max_steps", "2",
+                                "--global_batch_size", "8", "--log_every", "1", "--grid_every", "-1",
+                                "--num_workers", "0", "--results_dir", str(tmp_path / "d")])
+    ck = torch.load(next((tmp_path / "d").glob("*/checkpoints/*.pt")), weights_only=True)
+    assert tuple(ck["config"]["grid"]) == (8, 8) and ck["config"]["rope"]
+    sample.main(["--ckpt", run, "--classes", "0,1", "--seeds", "0", "--num_steps", "2", "--guide_channels", "3",
+                 "--cfg_scale", "2", "--out", str(tmp_path / "g.png")])
+    assert (tmp_path / "g.png").exists()
