@@ -274,13 +274,10 @@ class AlignTok(nn.Module):
     grid = property(lambda self: (self.cfg.grid_size, self.cfg.grid_size))
     image_size = property(lambda self: self.cfg.image_size)
 
-    def last_layer(self):
-        """The decoder's conv_out weight: where VA-VAE's adaptive GAN weight is measured."""
-        return self.decoder.conv_out.weight
-
-    def encoder_last_layer(self):
-        """The adapter's last Linear, which makes z ([CHOICE] for the paper's 'last layer of the encoder')."""
-        return self.adapter[-1].weight
+    # where the adaptive weights are measured: the GAN's at the decoder's conv_out (VA-VAE), L_sp's at the
+    # adapter's last Linear, which makes z ([CHOICE] for the paper's "last layer of the encoder")
+    last_layer = property(lambda self: self.decoder.conv_out.weight)
+    encoder_last_layer = property(lambda self: self.adapter[-1].weight)
 
     def encode(self, x, mask=None):
         return self.adapter(self.encoder(x))                                 # (B, N, C)

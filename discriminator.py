@@ -225,8 +225,8 @@ class NLayerDiscriminator(nn.Module):
                 nn.init.normal_(m.weight, 1.0, 0.02)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x):
-        return self.main(x)
+    def forward(self, x, trunk_grad=True):  # no trunk: the flag of the DINO discriminator's interface is moot
+        return self.main(x).flatten(1).float()                               # (B, 30 * 30) logits at 256 px
 
 
 def hinge_d(real, fake):
@@ -253,11 +253,15 @@ class GANLoss(nn.Module):
     EMAs do; skipping saves the 5 discriminator passes). The LeCAM EMAs are buffers (saved and restored; the
     official code loses them on resume), fp32 tensors on the device (no host sync), all-reduced under DDP."""
 
-    def __init__(self, disc, disc_start=30_000, disc_weight=0.4, lecam_weight=1e-3, cr_weight=4.0, lecam_decay=0.999):
+    def __init__(self, disc, disc_start=30_000, disc_weight=0.4, lecam_weight=1e-3, cr_weight=4.0, lecam_decay=0.999,
+                 augment=True, d_weight=None):
+        """augment: DiffAugment the views (MAETok); d_weight: the D loss's weight (default disc_weight, MAETok's
+        0.4 for both; VA-VAE / AlignTok: G 0.5 x adaptive, D 1.0, no DiffAug, LeCAM or CR)."""
         super().__init__()
         self.disc = disc
         self.disc_start, self.disc_weight, self.lecam_weight = disc_start, disc_weight, lecam_weight
         self.cr_weight, self.lecam_decay = cr_weight, lecam_decay
+        self.augment, self.d_weight = augment, disc_weight if d_weight is None else d_weight
         self.register_buffer("lecam_ema", torch.zeros(2))                  # (real, fake) logit means
 
     def active(self, step):
@@ -271,7 +275,7 @@ class GANLoss(nn.Module):
         into the heads (which the official G step computes and throws away)."""
         heads = self.disc.module if hasattr(self.disc, "module") else self.disc  # no DDP hooks in the G step
         heads.requires_grad_(False)
-        g = hinge_g(heads(diff_augment(x_rec, GEN_POLICY, 0.5)))
+        g = hinge_g(heads(self.view(x_rec, GEN_POLICY, 0.5)))
         heads.requires_grad_(True)
         gx, = torch.autograd.grad(g, x_rec)             # dL_G / dx_rec through the trunk; frees the trunk graph
         surrogate = (x_rec.float() * gx.float()).sum()                     # grad = dL_G / dx_rec upstream
@@ -279,6 +283,9 @@ class GANLoss(nn.Module):
         g_w, = torch.autograd.grad(surrogate, last_layer, retain_graph=True)
         lam = adaptive_weight(nll_w, g_w)
         return self.disc_weight * lam * surrogate, {"g_loss": g.detach(), "d_weight": lam}
+
+    def view(self, x, policy, prob):
+        return diff_augment(x, policy, prob) if self.augment else x
 
     def update_lecam(self, real, fake, ddp=False):
         m = torch.stack([real.detach().mean(), fake.detach().mean()])
@@ -290,14 +297,18 @@ class GANLoss(nn.Module):
     def discriminator_loss(self, disc, x, x_rec, ddp=False):
         """disc (the module or its DDP wrapper) on real x and detached x_rec -> dict with 'loss' and the terms.
         Weak views (p 0.5) for hinge and LeCAM, strong views (p 1) for CR; every view an independent draw."""
-        real = disc(diff_augment(x, GEN_POLICY, 0.5), trunk_grad=False)
-        fake = disc(diff_augment(x_rec, GEN_POLICY, 0.5), trunk_grad=False)
-        self.update_lecam(real, fake, ddp)                                 # before the regulariser (official)
-        lecam = lecam_reg(real, fake, self.lecam_ema[0], self.lecam_ema[1])
+        real = disc(self.view(x, GEN_POLICY, 0.5), trunk_grad=False)
+        fake = disc(self.view(x_rec, GEN_POLICY, 0.5), trunk_grad=False)
         hinge = hinge_d(real, fake)
-        real_s = disc(diff_augment(x, STRONG_POLICY, 1.0), trunk_grad=False)
-        fake_s = disc(diff_augment(x_rec, STRONG_POLICY, 1.0), trunk_grad=False)
-        cr = F.mse_loss(torch.cat([real, fake]), torch.cat([real_s, fake_s]))  # neither side detached (official)
-        loss = self.disc_weight * (hinge + self.lecam_weight * lecam) + self.cr_weight * cr  # CR not times 0.4
-        return {"loss": loss, "d_hinge": hinge.detach(), "d_lecam": lecam.detach(), "d_cr": cr.detach(),
-                "logits_real": real.detach().mean(), "logits_fake": fake.detach().mean()}
+        out = {"d_hinge": hinge.detach(), "logits_real": real.detach().mean(), "logits_fake": fake.detach().mean()}
+        loss = self.d_weight * hinge
+        if self.lecam_weight:
+            self.update_lecam(real, fake, ddp)                             # before the regulariser (official)
+            lecam = lecam_reg(real, fake, self.lecam_ema[0], self.lecam_ema[1])
+            loss, out["d_lecam"] = loss + self.d_weight * self.lecam_weight * lecam, lecam.detach()
+        if self.cr_weight:
+            real_s = disc(self.view(x, STRONG_POLICY, 1.0), trunk_grad=False)
+            fake_s = disc(self.view(x_rec, STRONG_POLICY, 1.0), trunk_grad=False)
+            cr = F.mse_loss(torch.cat([real, fake]), torch.cat([real_s, fake_s]))  # neither side detached (official)
+            loss, out["d_cr"] = loss + self.cr_weight * cr, cr.detach()          # CR not times 0.4
+        return {"loss": loss, **out}

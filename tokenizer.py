@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from aligntok import PRESETS as ALIGNTOK_PRESETS
 from aligntok import AlignTok, AlignTokConfig
 from mactok import PRESETS as MACTOK_PRESETS
 from mactok import MacTok, MacTokConfig
@@ -255,6 +256,15 @@ STAGES = {
         # unused once the encoder is frozen), z is still sampled from the posterior (wave2-spec b.6)
         "decoder_finetune": Stage(trains=("decoder.",), keep_aux=False, mask="none", init=True),
     },
+    # AlignTok (wave2-spec c.3): 1 latent alignment (encoder frozen), 2 perceptual alignment (everything, + the
+    # semantic-preservation loss against the stage-1 model), 3 decoder refinement (the latent frozen); `scratch`
+    # is the baseline: the same network, a random encoder, everything trained from step 0
+    "aligntok": {
+        "align": Stage(trains=("adapter.", "post_quant_conv.", "decoder."), keep_aux=True, mask="none", init=False),
+        "perceptual": Stage(trains=("",), keep_aux=True, mask="none", init=True),
+        "decoder": Stage(trains=("post_quant_conv.", "decoder."), keep_aux=True, mask="none", init=True),
+        "scratch": Stage(trains=("",), keep_aux=True, mask="none", init=False),
+    },
 }
 # what a stage without the training-only parts drops, per family (and every released-style checkpoint)
 TRAIN_ONLY = {"maetok": dict(aux_targets=()), "mactok": dict(align=(), kl_weight=0.0, mask_tokens="none"),
@@ -434,8 +444,28 @@ RECIPES.update({
 })
 RECIPES["MacTok-B-64"] = RECIPES["MacTok-B-128"]
 PRESETS.update(MACTOK_PRESETS)
-# AlignTok (aligntok.py) builds, encodes, decodes, caches and samples through the chain; its three-stage training
-# (L_sp, the PatchGAN) is not in train_tokenizer.py yet, so its presets are aligntok.PRESETS, not these
+# AlignTok (wave2-spec c.2-c.3, c.7): L1 + LPIPS + the PatchGAN at 0.5 x adaptive (VA-VAE); constant lr; EMA used
+# for inference in stages 2 and 3 (stage 1 keeps the raw weights: decay 0, and stage 2's L_sp reference is them)
+_AT = dict(global_batch_size=64, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0, disc="patchgan",
+           disc_weight=0.5, lecam_weight=0.0, cr_weight=0.0, perceptual_warmup=0, aux_targets="", crop="random")
+_AT_TINY = dict(global_batch_size=64, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0, disc="none",
+                perceptual_weight=0.0, aux_targets="", log_every=50, grid_every=-1, eval_images=500)
+RECIPES.update({
+    "AlignTok-L-f16d32": {"align": {**_AT, "max_steps": 120_000, "lr": 1e-4, "disc_start": 5000, "ema_decay": 0.0},
+                          "perceptual": {**_AT, "max_steps": 220_000, "lr": 1e-5, "disc_start": 0,
+                                         "ema_decay": 0.9999, "sp_weight": 1.0},
+                          "decoder": {**_AT, "max_steps": 100_000, "lr": 1e-4, "disc_start": 0, "ema_decay": 0.9999},
+                          "scratch": {**_AT, "max_steps": 120_000, "lr": 1e-4, "disc_start": 5000, "ema_decay": 0.9999}},
+    "AlignTok-tiny": {"align": {**_AT_TINY, "max_steps": 400, "lr": 1e-3, "ema_decay": 0.0, "eval_every": 400,
+                                "ckpt_every": 400},
+                      "perceptual": {**_AT_TINY, "max_steps": 400, "lr": 1e-4, "ema_decay": 0.99, "sp_weight": 1.0,
+                                     "eval_every": 400, "ckpt_every": 400},
+                      "decoder": {**_AT_TINY, "max_steps": 300, "lr": 1e-3, "ema_decay": 0.99, "eval_every": 300,
+                                  "ckpt_every": 300},
+                      "scratch": {**_AT_TINY, "max_steps": 1100, "lr": 1e-3, "ema_decay": 0.99, "eval_every": 1100,
+                                  "ckpt_every": 1100}},
+})
+PRESETS.update(ALIGNTOK_PRESETS)
 FAMILIES = {"maetok": (TokenizerConfig, MAETok), "mactok": (MacTokConfig, MacTok),
             "aligntok": (AlignTokConfig, AlignTok)}
 

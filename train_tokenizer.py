@@ -1,5 +1,5 @@
 """
-Train a tokenizer (MAETok today; each family brings its stages). One script for a CPU process, one GPU, or torchrun
+Train a tokenizer of any family (MAETok, MacTok, AlignTok; each family brings its stages). One script for a CPU process, one GPU, or torchrun
 (DDP: NCCL on GPU, gloo on CPU).
 
 CPU quick start (tiny preset, built-in data; the preset brings the quick start's batch, lr, warmup, EMA, steps):
@@ -8,6 +8,10 @@ Paper (MAETok-B-128, ImageNet 256 px, 8 GPUs):
   torchrun --nproc_per_node=8 train_tokenizer.py --data_path /data/imagenet/train --mask_ratio 0.6
 Stage 2, decoder fine-tuning (encoder frozen, aux decoders dropped, mask ratio 0.6 -> 0 over 50K steps):
   torchrun --nproc_per_node=8 train_tokenizer.py --stage decoder_finetune --init_from results/000-MAETok-B-128
+AlignTok's three stages (latent alignment, perceptual alignment with L_sp, decoder refinement):
+  python train_tokenizer.py --preset AlignTok-L-f16d32 --stage align --data_path ...
+  python train_tokenizer.py --stage perceptual --init_from results/000-AlignTok-L-f16d32-align
+  python train_tokenizer.py --stage decoder --init_from results/001-AlignTok-L-f16d32-perceptual
 Resume exactly where a run stopped (optionally with a new --max_steps):
   python train_tokenizer.py --resume results/000-MAETok-B-128
 """
@@ -26,12 +30,13 @@ from tqdm import tqdm
 
 import data
 import engine
-from discriminator import Discriminator, GANLoss, ProxyDiscTrunk, dino_discriminator, load_dino_disc_trunk
+from discriminator import (Discriminator, GANLoss, NLayerDiscriminator, ProxyDiscTrunk, adaptive_weight,
+                           dino_discriminator, load_dino_disc_trunk)
 from mactok import DINOv2Teacher, ProxyTeacher
 from pretrained import DINOV2_ARCHS, SIGLIP_SO400M, dinov2_target, load_dinov2, load_lpips, siglip_target
 from proxy import load_proxy
-from tokenizer import (PRESETS, RECIPES, STAGES, build, config_from_dict, make_config, param_groups, random_mask,
-                       stage_config, unpatchify)
+from tokenizer import (PRESETS, RECIPES, STAGES, build, config_from_dict, make_config, param_groups,
+                       random_mask, stage_config, unpatchify)
 
 # flags a resumed run may change; every other flag is restored from the checkpoint
 RESUME_FLAGS = ("max_steps", "decay_steps", "log_every", "eval_every", "ckpt_every", "grid_every", "num_workers",
@@ -78,7 +83,11 @@ def parse_args(argv=None):
     p.add_argument("--teacher_proxy_ckpt", default=None, help="--teacher proxy: a proxy.py checkpoint")
     p.add_argument("--encoder_init", default=None, choices=["dinov2", "scratch"],
                    help="MacTok: encoder from the DINOv2 of its width (paper) or from scratch (default: preset)")
-    p.add_argument("--encoder_ckpt", default=None, help="local DINOv2 file for --encoder_init dinov2")
+    p.add_argument("--encoder_ckpt", default=None,
+                   help="MacTok --encoder_init dinov2: a local DINOv2 .pth; AlignTok: its encoder's weights, the "
+                        "DINOv2 .pth (default: official URL) or, for --preset AlignTok-tiny, a proxy.py checkpoint")
+    p.add_argument("--sp_weight", type=float, default=1.0,
+                   help="AlignTok stage perceptual: weight of the semantic-preservation loss (x its adaptive weight)")
     p.add_argument("--crop", default=None, choices=["random", "center"],
                    help="training crop: random-resized (MAETok) or center (MacTok); default: the preset's")
     p.add_argument("--global_batch_size", type=int, default=512, help="images per optimizer step, all ranks")
@@ -98,9 +107,10 @@ def parse_args(argv=None):
     p.add_argument("--perceptual_weight", type=float, default=1.0, help="LPIPS-VGG weight (0 disables)")
     p.add_argument("--perceptual_warmup", type=int, default=10_000, help="steps to ramp LPIPS in (official)")
     p.add_argument("--vgg_ckpt", default=None, help="local VGG16 weights for LPIPS (default: official URL)")
-    p.add_argument("--disc", default="dino", choices=["dino", "proxy", "none"],
+    p.add_argument("--disc", default="dino", choices=["dino", "proxy", "patchgan", "none"],
                    help="adversarial loss: dino = frozen DINO ViT-S/16 + 5 trainable heads (official), proxy = a "
-                        "frozen proxy CNN (proxy.py) as the trunk, for offline work; none = no GAN")
+                        "frozen proxy CNN (proxy.py) as the trunk, for offline work; patchgan = the LDM PatchGAN "
+                        "(VA-VAE / AlignTok); none = no GAN")
     p.add_argument("--dino_ckpt", default=None, help="local DINO v1 ViT-S/16 .pth (default: official URL)")
     p.add_argument("--disc_proxy_ckpt", default=None,
                    help="--disc proxy: a proxy.py checkpoint (another seed / width than the evaluation proxy)")
@@ -112,7 +122,8 @@ def parse_args(argv=None):
                    help="auto = bf16 autocast on GPU, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--stage", default="main", choices=ALL_STAGES,
-                   help="training stage of the family (MAETok: main, decoder_finetune); each brings its defaults")
+                   help="training stage of the family (MAETok / MacTok: main, decoder_finetune; AlignTok: align, "
+                        "perceptual, decoder, and scratch for the baseline); each brings its defaults")
     p.add_argument("--init_from", default=None, help="stage 2: run folder or checkpoint of the stage-1 model")
     p.add_argument("--mask_anneal_steps", type=int, default=50_000, help="stage 2: mask ratio 0.6 -> 0 steps")
     p.add_argument("--results_dir", default="results", help="parent of the numbered run folders")
@@ -126,8 +137,6 @@ def parse_args(argv=None):
     p.add_argument("--grid_every", type=int, default=5000, help="steps between picture grids (-1 off)")
     p.add_argument("--keep_checkpoints", type=int, default=3, help="newest checkpoints kept (0 = all)")
     args = p.parse_args(argv)
-    if args.stage != "main" and not (args.init_from or args.resume):
-        p.error(f"--stage {args.stage} needs --init_from (the run or checkpoint it continues)")
     return p, args, engine.explicit_flags(p, argv)
 
 
@@ -140,7 +149,7 @@ def validate(p, args):
         (args.max_steps > 0 and args.warmup_steps >= 0, "need --max_steps > 0 and --warmup_steps >= 0"),
         (args.decay_steps is None or args.decay_steps > 0, "--decay_steps must be positive"),
         (0 <= args.ema_decay < 1, "--ema_decay must be in [0, 1)"),
-        (args.perceptual_weight >= 0, "--perceptual_weight must be >= 0"),
+        (args.perceptual_weight >= 0 and args.sp_weight >= 0, "--perceptual_weight and --sp_weight must be >= 0"),
         (args.disc_start >= 0 and min(args.disc_weight, args.lecam_weight, args.cr_weight) >= 0,
          "need --disc_start >= 0 and non-negative --disc_weight, --lecam_weight, --cr_weight"),
         (args.disc != "proxy" or args.disc_proxy_ckpt, "--disc proxy needs --disc_proxy_ckpt (train one: python "
@@ -178,6 +187,40 @@ def mactok_overrides(args):
     return over
 
 
+def aligntok_overrides(args):
+    return {"image_size": args.image_size} if args.image_size else {}
+
+
+def init_aligntok_encoder(model, args, cfg):
+    """AlignTok's pretrained encoder: the official DINOv2 (by URL or --encoder_ckpt) or, offline, the proxy."""
+    try:
+        if cfg.encoder == "proxy":
+            if not args.encoder_ckpt:
+                sys.exit("error: AlignTok-tiny's encoder is a trained proxy classifier: pass --encoder_ckpt "
+                         "(python proxy.py --out results/proxy.pt), or train the baseline: --stage scratch")
+            model.encoder.trunk.load_state_dict(load_proxy(args.encoder_ckpt).trunk[:18].state_dict())
+            return f"proxy {args.encoder_ckpt}"
+        vit = load_dinov2(cfg.dinov2_arch, ckpt=args.encoder_ckpt)
+    except (RuntimeError, FileNotFoundError, KeyError, ValueError) as e:
+        sys.exit(f"error: AlignTok encoder: {e} (or the from-scratch baseline: --stage scratch)")
+    model.encoder.vit.load_state_dict(vit.state_dict())
+    return f"DINOv2 {cfg.dinov2_arch}"
+
+
+def semantic_preservation(model, ref, x, z, nll, weight):
+    """AlignTok's L_sp = ||z - z_ref||^2 (mean) against the frozen stage-1 model, times its adaptive weight
+    ||grad nll|| / (||grad L_sp|| + 1e-4) at the adapter's last layer, clamped to [0, 1e8] (VA-VAE's VF clamp):
+    0, not NaN, at the first step of stage 2 where L_sp = 0."""
+    with torch.no_grad():
+        z_ref = ref.encode(x)
+    sp = (z.float() - z_ref.float()).pow(2).mean()
+    w = model.encoder_last_layer
+    g_nll, = torch.autograd.grad(nll, w, retain_graph=True)
+    g_sp, = torch.autograd.grad(sp, w, retain_graph=True, allow_unused=False)
+    lam = adaptive_weight(g_nll, g_sp, max_weight=1e8)
+    return weight * lam * sp, {"sp": sp.detach(), "sp_lambda": lam}
+
+
 def build_teacher(args, cfg, device):
     """MacTok's teacher (semantic masking, alignment): frozen, outside the checkpoint, reported by name."""
     try:
@@ -210,6 +253,8 @@ def build_gan(args, ckpt, init, device, ddp, local):
     try:
         if args.disc == "dino":
             disc = dino_discriminator(load_dino_disc_trunk(args.dino_ckpt).to(device))
+        elif args.disc == "patchgan":
+            disc = NLayerDiscriminator()
         else:
             trunk = ProxyDiscTrunk(load_proxy(args.disc_proxy_ckpt)).to(device)
             disc = Discriminator(trunk, trunk.dims)
@@ -217,7 +262,9 @@ def build_gan(args, ckpt, init, device, ddp, local):
         sys.exit(f"error: discriminator: {e} (or train without the GAN: --disc none)")
     if ddp and device.type == "cuda":  # official SyncBatchNorm: global-batch statistics (gloo cannot: per rank)
         disc = torch.nn.SyncBatchNorm.convert_sync_batchnorm(disc)
-    gan = GANLoss(disc.to(device), args.disc_start, args.disc_weight, args.lecam_weight, args.cr_weight).to(device)
+    patch = args.disc == "patchgan"  # VA-VAE: no DiffAug, the D hinge at weight 1, the G term at disc_weight
+    gan = GANLoss(disc.to(device), args.disc_start, args.disc_weight, args.lecam_weight, args.cr_weight,
+                  augment=not patch, d_weight=1.0 if patch else None).to(device)
     decay = [p for p in disc.parameters() if p.ndim >= 2]
     opt_d = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                {"params": [p for p in disc.parameters() if p.ndim < 2], "weight_decay": 0.0}],
@@ -287,17 +334,27 @@ def main(argv=None):
         cfg = config_from_dict(ckpt["config"])
         if args.decay_steps != saved["decay_steps"]:
             replanned = (saved["decay_steps"], args.decay_steps)
-    elif STAGES[make_config(args.preset).family].get(args.stage) is None:
-        p.error(f"--stage {args.stage} is not a stage of preset {args.preset}")
-    elif STAGES[make_config(args.preset).family][args.stage].init:
+    elif args.init_from is not None:  # a later stage: the preset and config of the run it continues
         init = engine.load_checkpoint(args.init_from)
         args.preset = init["args"].get("preset", args.preset)                # named after what it fine-tunes
+        stages = STAGES[config_from_dict(init["config"]).family]
+        if args.stage not in stages or not stages[args.stage].init:
+            p.error(f"--stage {args.stage} does not continue a run: drop --init_from, or give a later stage "
+                    f"({', '.join(s for s, st in stages.items() if st.init)})")
         engine.apply_recipe(args, RECIPES.get(args.preset, {}).get(args.stage, {}), explicit)
         cfg = stage_config(config_from_dict(init["config"]), args.stage)
     else:
-        engine.apply_recipe(args, RECIPES.get(args.preset, {}).get(args.stage, {}), explicit)
         family = make_config(args.preset).family
-        cfg = make_config(args.preset, **(maetok_overrides(args) if family == "maetok" else mactok_overrides(args)))
+        stages = STAGES[family]
+        if args.stage == "main" and "main" not in stages:
+            args.stage = next(iter(stages))                                 # AlignTok: its first stage, align
+        if args.stage not in stages:
+            p.error(f"--stage {args.stage} is not a stage of preset {args.preset}: choose {', '.join(stages)}")
+        if stages[args.stage].init:
+            p.error(f"--stage {args.stage} needs --init_from (the run or checkpoint it continues)")
+        engine.apply_recipe(args, RECIPES.get(args.preset, {}).get(args.stage, {}), explicit)
+        over = {"maetok": maetok_overrides, "mactok": mactok_overrides, "aligntok": aligntok_overrides}[family]
+        cfg = make_config(args.preset, **over(args))
     if args.decay_steps is None:
         args.decay_steps = args.max_steps
     validate(p, args)
@@ -332,6 +389,14 @@ def main(argv=None):
         model.load_state_dict({k: v for k, v in sd.items() if not k.startswith(model.TRAIN_ONLY)})
     if cfg.family == "mactok" and cfg.encoder_init == "dinov2" and ckpt is None and init is None:
         init_encoder_from_dinov2(model, args, cfg)
+    encoder_src = None
+    if cfg.family == "aligntok" and args.stage == "align" and ckpt is None:
+        encoder_src = init_aligntok_encoder(model, args, cfg)
+    # AlignTok stage 2: the frozen stage-1 model is L_sp's reference (the weights it starts from)
+    ref = copy.deepcopy(model).requires_grad_(False).eval() if cfg.family == "aligntok" and \
+        args.stage == "perceptual" and args.sp_weight > 0 else None
+    if ref is not None and ckpt is not None:
+        ref.load_state_dict(ckpt["sp_reference"])
     groups = param_groups(model, args.stage, args.weight_decay)             # freezes what the stage does not train
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=device.type == "cuda")
@@ -347,7 +412,7 @@ def main(argv=None):
             lpips = load_lpips(args.vgg_ckpt).to(device)
         except (RuntimeError, FileNotFoundError, KeyError) as e:
             sys.exit(f"error: LPIPS: {e} (or train without it: --perceptual_weight 0)")
-    if "dinov2" in model.aux:  # frozen teacher, not part of the checkpoint
+    if "dinov2" in getattr(model, "aux", {}):  # frozen teacher, not part of the checkpoint
         try:
             teacher = dinov2_target(cfg.image_size, cfg.patch_size, args.dinov2_arch, args.dinov2_mode,
                                     args.dinov2_ckpt).to(device)
@@ -357,7 +422,7 @@ def main(argv=None):
     if cfg.family == "mactok" and args.teacher != "none" and (
             cfg.align or (cfg.mask_tokens == "image" and cfg.semantic_mask_prob > 0)):
         model.set_teacher(build_teacher(args, cfg, device))
-    if "siglip" in model.aux:
+    if "siglip" in getattr(model, "aux", {}):
         try:
             teacher = siglip_target(cfg.patch_size, args.siglip_ckpt).to(device)
         except (RuntimeError, FileNotFoundError, KeyError) as e:
@@ -384,14 +449,19 @@ def main(argv=None):
         old, new = (engine.cosine_lr(step, args.lr, args.warmup_steps, h, args.min_lr_ratio) for h in replanned)
         log(f"lr schedule re-planned on resume (--decay_steps {replanned[1]}, was {replanned[0]}): the lr at step "
             f"{step} moves from {old:.3g} to {new:.3g}")
+    aux = getattr(model, "aux", torch.nn.ModuleDict())
     log(f"parameters: encoder {engine.count(model.encoder) / 1e6:.2f}M, pixel decoder "
-        f"{engine.count(model.decoder) / 1e6:.2f}M, aux decoders {engine.count(model.aux) / 1e6:.2f}M "
-        f"({', '.join(model.aux) or 'none'}), trainable "
+        f"{engine.count(model.decoder) / 1e6:.2f}M, aux decoders {engine.count(aux) / 1e6:.2f}M "
+        f"({', '.join(aux) or 'none'}), trainable "
         f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M")
     if gan is not None:
         log(f"GAN: {args.disc} discriminator, {engine.count(gan.disc) / 1e6:.2f}M trainable, from step "
             f"{args.disc_start} (weight {args.disc_weight} x adaptive, LeCAM {args.lecam_weight}, CR {args.cr_weight})"
             + ("; BatchNorm per rank under gloo" if ddp and device.type != "cuda" else ""))
+    if encoder_src:
+        log(f"encoder: {encoder_src}")
+    if ref is not None:
+        log(f"semantic preservation: L_sp against the stage-1 model, weight {args.sp_weight} x adaptive")
     log(f"config: {json.dumps(asdict(cfg))}")
     log(f"args: {json.dumps(vars(args))}")
     log(f"data: {len(train_ds)} train images ({train_src.num_classes} classes), {steps_per_epoch} steps/epoch")
@@ -404,7 +474,9 @@ def main(argv=None):
     def checkpoint(step):
         run.checkpoint(lambda: {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                                 "step": step, "epoch": step // steps_per_epoch, "config": asdict(cfg),
-                                "args": vars(args), **gan_state(gan, opt_d)}, step, args.keep_checkpoints, device)
+                                "args": vars(args), **gan_state(gan, opt_d),
+                                **({"sp_reference": ref.state_dict()} if ref is not None else {})},
+                       step, args.keep_checkpoints, device)
 
     pairs = []  # (x, detached reconstruction) of each G micro-batch, for the D step
 
@@ -416,6 +488,10 @@ def main(argv=None):
             out["lpips"] = lpips(out["rec"].float(), x).mean()
             nll = nll + pw * out["lpips"]
             out["loss"] = out["loss"] + pw * out["lpips"]
+        if ref is not None:
+            term, logs = semantic_preservation(model, ref, x, out["z"], nll, args.sp_weight)
+            out["loss"] = out["loss"] + term
+            out.update(logs)
         if adversarial:  # the adaptive weight balances the GAN against reconstruction + perceptual only
             term, logs = gan.generator_term(out["rec"], nll, model.last_layer)
             out["loss"] = out["loss"] + term
