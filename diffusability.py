@@ -49,17 +49,19 @@ def encode_split(tok, src, idx, device, ctx, rank, world, sample=False, batch_si
 
 
 def token_layout(tok, trained):
-    """(grid, positions (T, 2), patch -> token map) where a spatial reading exists: MacTok's local alignment
-    (in the config it was trained with, `trained`) gives token j the patches j N/L ... consecutively, a
-    (g, g L / N) token grid; None for free 1D tokens."""
+    """(grid, positions (T, 2), patch -> token map, prefix) where a spatial reading exists: a grid tokenizer's own
+    cells, or MacTok's local alignment (in the config it was trained with, `trained`), which gives token j the
+    patches j N/L ... consecutively, a (g, g L / N) token grid of footprints; None for free 1D tokens."""
     c = tok.cfg
+    if tok.grid is not None:
+        return tuple(tok.grid), lm.grid_coords(*tok.grid), torch.arange(c.num_patches), ""
     if "local" not in trained.get("align", ()) or c.num_patches % c.num_latent_tokens:
         return None
     per, g = c.num_patches // c.num_latent_tokens, c.grid_size
     if g % per:
         return None
     grid = (g, g // per)
-    return grid, lm.grid_coords(*grid), torch.arange(c.num_patches) // per
+    return grid, lm.grid_coords(*grid), torch.arange(c.num_patches) // per, "footprint_"
 
 
 def fg_tokens(src, idx, tok, layout):
@@ -89,15 +91,15 @@ def diffusability_metrics(z_tr, y_tr, z_va, y_va, layout, fg, args):
     dim = lm.pca_dim(u_tr.flatten(1), 0.9)
     x_tr, x_va = lm.pca_standardize(u_tr.flatten(1), dim, u_va.flatten(1))
     res.update({"gmm_pca_dim": dim, "gmm_nll_per_dim_k10": lm.gmm_nll(x_tr, 10, x_test=x_va) / dim})
-    if layout is not None:  # token footprints on the image grid
-        grid, pos, _ = layout
+    if layout is not None:  # a grid, or token footprints on the image grid
+        grid, pos, _, tag = layout
         H = grid[0]
         far, dmax = max(2, round(6 * H / 16)), max(3, round(8 * H / 16))
-        res.update({f"footprint_{k}": val for k, val in
-                    lm.spatial_metrics(u_va, pos, fg, far, dmax, 1, far).items()})
-        f, keep = lm.fg_pool(u_va, fg)
-        res["lnc_fg"] = lm.lnc(f, y_va[keep], args.lnc_k)
-        res.update({f"footprint_{k}": val for k, val in lm.sec(u_va, grid).items()})
+        res.update({tag + k: val for k, val in lm.spatial_metrics(u_va, pos, fg, far, dmax, 1, far).items()})
+        if fg is not None:
+            f, keep = lm.fg_pool(u_va, fg)
+            res["lnc_fg"] = lm.lnc(f, y_va[keep], args.lnc_k)
+        res.update({tag + k: val for k, val in lm.sec(u_va, grid).items()})
     res["rmsc"] = lm.rmsc(u_va)                                              # needs no grid
     n = min(args.tsne_points, len(u_va))
     res.update(lm.latent_uniformity(u_va[:n], reps=args.tsne_reps))
@@ -123,7 +125,8 @@ def run(args):
     fg = fg_tokens(val, i_va, tok, layout) if layout is not None and hasattr(val, "mask") else None
     res = {"tokenizer": args.tokenizer_ckpt, "family": tok.cfg.family, "latent_shape": list(tok.latent_shape),
            "num_train": len(i_tr), "num_val": len(i_va), "normalisation": "per channel, train statistics",
-           "footprints": None if layout is None else list(layout[0])}
+           "footprints": None if layout is None or not layout[3] else list(layout[0]),
+           "grid": None if tok.grid is None else list(tok.grid)}
     for name, sample in variants.items():
         z_tr = encode_split(tok, train, i_tr, device, ctx, rank, world, sample)
         z_va = encode_split(tok, val, i_va, device, ctx, rank, world, sample)
@@ -163,6 +166,8 @@ def diffusability_decoded(tok, z_tr, z_va, val, i_va, feats, device, ctx, args):
         f_real, f_int, f_rec = (feats(data.to_uint8(im)) ["pool"] for im in (x, interp, rec))
         half = n // 2
         eq = lm.linear_equivariance(enc, x[:half], x[half:])
+        if tok.grid is not None:  # encoder-side errors on the grid itself (section 7)
+            eq.update(lm.grid_equivariance(enc, x, tuple(tok.grid)))
     mu_r, s_r = gaussian_stats(f_real)
     ifid = frechet_distance(*gaussian_stats(f_int), mu_r, s_r)
     rfid = frechet_distance(*gaussian_stats(f_rec), mu_r, s_r)
@@ -199,8 +204,9 @@ def run_name(path):
 def plot_diffusability(res, refs, path, W=760, H=420):
     """Bars of the headline metrics (this tokenizer and the --compare ones, each metric scaled to its largest
     value) and IV(t) / D for each, drawn with PIL."""
-    keys = [k for k in ("viv_norm", "viv_marginal_norm", "lnc", "linear_probe_accuracy", "footprint_srss",
-                        "footprint_lds", "sec1d_0.5", "density_cv", "proxy_ifid", "eq_linear_r2_rot90",
+    keys = [k for k in ("viv_norm", "viv_marginal_norm", "lnc", "linear_probe_accuracy", "srss", "lds",
+                        "footprint_srss", "footprint_lds", "sec_0.5", "sec1d_0.5", "density_cv", "proxy_ifid",
+                        "eq_err_rot90", "eq_linear_r2_rot90",
                         "trajectory_global_efficiency") if isinstance(res.get(k), float)]
     runs = [res] + refs
     colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]

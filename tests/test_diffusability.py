@@ -57,3 +57,20 @@ def test_diffusability_report_of_a_tiny_mactok_with_a_denoiser(tmp_path):
     evaluate.main(["diffusability", "--tokenizer_ckpt", str(tmp_path / "tok.pt"), "--posterior", "mean",
                    "--compare", str(out), "--out", str(tmp_path / "e.json"), *common])
     assert (tmp_path / "e.png").exists()
+
+
+@pytest.mark.slow
+def test_diffusability_of_a_grid_tokenizer_has_the_spatial_metrics(tmp_path):
+    from aligntok import PRESETS, AlignTok, AlignTokConfig
+    torch.manual_seed(0)
+    tok = AlignTok(AlignTokConfig(**PRESETS["AlignTok-tiny"]))
+    save_checkpoint({"model": tok.state_dict(), "ema": tok.state_dict(), "step": 0, "config": asdict(tok.cfg),
+                     "args": {}}, str(tmp_path / "tok.pt"))
+    proxy = ProxyNet(ProxyConfig(width=8))
+    torch.save({"model": proxy.state_dict(), "proxy_config": asdict(proxy.cfg)}, tmp_path / "proxy.pt")
+    res = evaluate.main(["diffusability", "--tokenizer_ckpt", str(tmp_path / "tok.pt"), "--proxy_ckpt",
+                         str(tmp_path / "proxy.pt"), "--num_train", "100", "--num_val", "100", "--num_ifid", "40",
+                         "--tsne_points", "60", "--tsne_reps", "1", "--viv_samples", "8", "--out", str(tmp_path / "g.json")])
+    assert res["grid"] == [8, 8] and res["footprints"] is None and "posterior_sample" not in res
+    for k in ("lds", "cds", "srss", "rmsc", "sec_0.5", "lnc_fg", "eq_err_rot90", "eq_err_scale", "eq_cos_rot90"):
+        assert isinstance(res[k], float) and math.isfinite(res[k]), k
