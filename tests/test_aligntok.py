@@ -53,7 +53,8 @@ def test_patchgan_size_and_output_grid():
     d = NLayerDiscriminator()
     assert sum(p.numel() for p in d.parameters()) == 2_765_633
     with torch.device("meta"):
-        assert NLayerDiscriminator()(torch.empty(2, 3, 256, 256, device="meta")).shape == (2, 1, 30, 30)
+        d_meta, x = NLayerDiscriminator(), torch.empty(2, 3, 256, 256, device="meta")
+        assert d_meta.main(x).shape == (2, 1, 30, 30) and d_meta(x).shape == (2, 900)  # one logit per patch
     convs = [m for m in d.modules() if isinstance(m, torch.nn.Conv2d)]
     assert abs(convs[1].weight.std().item() - 0.02) < 0.002  # LDM weights_init: N(0, 0.02)
 
