@@ -1,7 +1,7 @@
 """
-`python evaluate.py diffusability`: every latent metric of the diffusability study for one tokenizer, in one
-JSON and a PNG (the metric math is latent_metrics.py; definitions and section numbers:
-../shared/notes/latent-metrics.md).
+The parts of `python evaluate.py diffusability` (the command itself is evaluate.cmd_diffusability): every latent
+metric of the diffusability study for one tokenizer, in one JSON and a PNG (the metric math is latent_metrics.py;
+definitions and section numbers: ../shared/notes/latent-metrics.md).
 
   python evaluate.py diffusability --tokenizer_ckpt results/001-tiny --proxy_ckpt proxy.pt \
       [--denoiser_ckpt results/002-tiny] [--compare other/diffusability.json,...]
@@ -12,9 +12,7 @@ Latents are normalised per channel with train statistics, as the denoiser sees t
 on the posterior mean and on a sample (`posterior_sample`). The images are encoded across ranks; the metrics run
 on rank 0.
 """
-import json
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +23,7 @@ import data
 import latent_metrics as lm
 import mactok
 from diffusion import DiT, DiTConfig, Transport, guided_velocity
-from engine import autocast_context, load_checkpoint
-from evaluate import frechet_distance, gather_to_rank0, gaussian_stats, report, run_folder, setup
-from tokenizer import from_checkpoint
+from engine import gather_to_rank0, load_checkpoint
 
 
 def encode_split(tok, src, idx, device, ctx, rank, world, sample=False, batch_size=128):
@@ -106,54 +102,10 @@ def diffusability_metrics(z_tr, y_tr, z_va, y_va, layout, fg, args):
     return res
 
 
-def run(args):
-    _, rank, world, device, feats = setup(args)
-    _, ctx = autocast_context(args.precision, device)
-    ckpt = load_checkpoint(args.tokenizer_ckpt)
-    tok = from_checkpoint(ckpt).to(device).eval()
-    try:
-        train = data.build_source(args.train_path or args.data_path, tok.image_size, "train", args.num_train)
-        val = data.build_source(args.data_path, tok.image_size, "val", args.num_val)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    i_tr, i_va = data.balanced_subset(train.labels, args.num_train), data.balanced_subset(val.labels, args.num_val)
-    y_tr, y_va = (torch.tensor([s.labels[i] for i in ix]) for s, ix in ((train, i_tr), (val, i_va)))
-    kl = hasattr(tok, "moments")
-    variants = {"mean": False, "sample": True} if kl and args.posterior == "both" else \
-        {args.posterior if kl else "mean": args.posterior == "sample" and kl}
-    layout = token_layout(tok, ckpt["config"])
-    fg = fg_tokens(val, i_va, tok, layout) if layout is not None and hasattr(val, "mask") else None
-    res = {"tokenizer": args.tokenizer_ckpt, "family": tok.cfg.family, "latent_shape": list(tok.latent_shape),
-           "num_train": len(i_tr), "num_val": len(i_va), "normalisation": "per channel, train statistics",
-           "footprints": None if layout is None or not layout[3] else list(layout[0]),
-           "grid": None if tok.grid is None else list(tok.grid)}
-    for name, sample in variants.items():
-        z_tr = encode_split(tok, train, i_tr, device, ctx, rank, world, sample)
-        z_va = encode_split(tok, val, i_va, device, ctx, rank, world, sample)
-        if rank != 0:
-            continue
-        m = diffusability_metrics(z_tr, y_tr, z_va, y_va, layout, fg, args)
-        if name == "mean":
-            res.update(m)
-        else:
-            res["posterior_sample"] = m
-        if name == "mean":
-            res.update(diffusability_decoded(tok, z_tr, z_va, val, i_va, feats, device, ctx, args))
-    if rank == 0 and args.denoiser_ckpt:
-        res.update(trajectory_report(args, device, ctx))
-    out = args.out or os.path.join(run_folder(args.tokenizer_ckpt), "diffusability.json")
-    if rank == 0:
-        flat = {k: v for k, v in res.items() if not isinstance(v, (dict, list)) or k == "latent_shape"}
-        report(flat, "latent diffusability (latent-metrics.md)", out, rank)
-        with open(out, "w") as f:
-            json.dump(res, f, indent=1)
-        plot_diffusability(res, [json.load(open(c)) for c in args.compare.split(",") if c], out[:-5] + ".png")
-    return res
-
-
 def diffusability_decoded(tok, z_tr, z_va, val, i_va, feats, device, ctx, args):
-    """iFID (SLERP at 0.5 to a train neighbour, decoded) and rFID in the same feature space, and the
-    equivariance of the encoder (1D tokens: the learned-linear R^2 of section 10)."""
+    """The features of the real images, of the decoded SLERP interpolations (0.5, to a train neighbour) and of the
+    reconstructions (iFID and rFID are their FDs to the first), and the equivariance of the encoder (1D tokens: the
+    learned-linear R^2 of section 10)."""
     g = torch.Generator().manual_seed(0)
     ds = data.ImageDataset(val, tok.image_size, train=False)
     n = min(args.num_ifid, len(i_va))
@@ -168,11 +120,7 @@ def diffusability_decoded(tok, z_tr, z_va, val, i_va, feats, device, ctx, args):
         eq = lm.linear_equivariance(enc, x[:half], x[half:])
         if tok.grid is not None:  # encoder-side errors on the grid itself (section 7)
             eq.update(lm.grid_equivariance(enc, x, tuple(tok.grid)))
-    mu_r, s_r = gaussian_stats(f_real)
-    ifid = frechet_distance(*gaussian_stats(f_int), mu_r, s_r)
-    rfid = frechet_distance(*gaussian_stats(f_rec), mu_r, s_r)
-    tag = "proxy_" if feats.kind == "proxy" else ""
-    return {f"{tag}ifid": ifid, f"{tag}rfid": rfid, **eq}
+    return (f_real, f_int, f_rec), eq
 
 
 def trajectory_report(args, device, ctx):

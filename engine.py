@@ -271,3 +271,13 @@ def reduce_means(sums, n, ddp, world, extra=()):
         vals[:len(keys)] /= world
     vals = vals.tolist()
     return dict(zip(keys, vals[:len(keys)])), vals[len(keys):]
+
+
+def gather_to_rank0(obj, rank, world):
+    """The list of every rank's obj on rank 0 (None elsewhere): features go to the one rank that needs them."""
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * world if rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out

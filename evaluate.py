@@ -30,6 +30,7 @@ from scipy.special import xlogy
 from tqdm import tqdm
 
 import data
+from engine import gather_to_rank0
 from latent_metrics import gmm_nll, linear_probe, pca_dim, pca_standardize
 
 # ----------------------------------------------------------------------------------------------------------
@@ -192,16 +193,6 @@ class Features:
             f = self.net.features(x)
             out = {"pool": f, "logits": self.net.head(F.relu(f))}
         return {k: v.double().cpu().numpy() for k, v in out.items()}
-
-
-def gather_to_rank0(obj, rank, world):
-    """The list of every rank's obj on rank 0 (None elsewhere): features go to the one rank that needs them."""
-    if world == 1:
-        return [obj]
-    import torch.distributed as dist
-    out = [None] * world if rank == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
 
 
 def extract(feats, batches, rank=0, world=1, desc="features"):
@@ -462,6 +453,59 @@ def plot_gmm(ks, nll, path, W=420, H=300, m=50):
     print(f"wrote {path}")
 
 
+def cmd_diffusability(args):
+    """Every latent metric of one tokenizer, one JSON and a PNG (diffusability.py, latent_metrics.py)."""
+    import diffusability as dif
+    from engine import autocast_context, load_checkpoint
+    from tokenizer import from_checkpoint
+    _, rank, world, device, feats = setup(args)
+    _, ctx = autocast_context(args.precision, device)
+    ckpt = load_checkpoint(args.tokenizer_ckpt)
+    tok = from_checkpoint(ckpt).to(device).eval()
+    try:
+        train = data.build_source(args.train_path or args.data_path, tok.image_size, "train", args.num_train)
+        val = data.build_source(args.data_path, tok.image_size, "val", args.num_val)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    i_tr, i_va = data.balanced_subset(train.labels, args.num_train), data.balanced_subset(val.labels, args.num_val)
+    y_tr, y_va = (torch.tensor([s.labels[i] for i in ix]) for s, ix in ((train, i_tr), (val, i_va)))
+    kl = hasattr(tok, "moments")
+    variants = {"mean": False, "sample": True} if kl and args.posterior == "both" else \
+        {args.posterior if kl else "mean": args.posterior == "sample" and kl}
+    layout = dif.token_layout(tok, ckpt["config"])
+    fg = dif.fg_tokens(val, i_va, tok, layout) if layout is not None and hasattr(val, "mask") else None
+    res = {"tokenizer": args.tokenizer_ckpt, "family": tok.cfg.family, "latent_shape": list(tok.latent_shape),
+           "num_train": len(i_tr), "num_val": len(i_va), "normalisation": "per channel, train statistics",
+           "footprints": None if layout is None or not layout[3] else list(layout[0]),
+           "grid": None if tok.grid is None else list(tok.grid)}
+    for name, sample in variants.items():
+        z_tr = dif.encode_split(tok, train, i_tr, device, ctx, rank, world, sample)
+        z_va = dif.encode_split(tok, val, i_va, device, ctx, rank, world, sample)
+        if rank != 0:
+            continue
+        m = dif.diffusability_metrics(z_tr, y_tr, z_va, y_va, layout, fg, args)
+        if name == "mean":
+            res.update(m)
+        else:
+            res["posterior_sample"] = m
+        if name == "mean":
+            (f_real, f_int, f_rec), eq = dif.diffusability_decoded(tok, z_tr, z_va, val, i_va, feats, device, ctx, args)
+            mu_r, s_r = gaussian_stats(f_real)
+            tag = "proxy_" if feats.kind == "proxy" else ""
+            res.update({f"{tag}ifid": frechet_distance(*gaussian_stats(f_int), mu_r, s_r),
+                        f"{tag}rfid": frechet_distance(*gaussian_stats(f_rec), mu_r, s_r), **eq})
+    if rank == 0 and args.denoiser_ckpt:
+        res.update(dif.trajectory_report(args, device, ctx))
+    out = args.out or os.path.join(run_folder(args.tokenizer_ckpt), "diffusability.json")
+    if rank == 0:
+        flat = {k: v for k, v in res.items() if not isinstance(v, (dict, list)) or k == "latent_shape"}
+        report(flat, "latent diffusability (latent-metrics.md)", out, rank)
+        with open(out, "w") as f:
+            json.dump(res, f, indent=1)
+        dif.plot_diffusability(res, [json.load(open(c)) for c in args.compare.split(",") if c], out[:-5] + ".png")
+    return res
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="nanotok metrics")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -520,10 +564,8 @@ def main(argv=None):
         p.error("latent needs --ckpt or --cache_path")
     if getattr(args, "batch_size", 1) <= 0 or getattr(args, "num_images", 1) <= 0:
         p.error("--batch_size and --num_images must be positive")
-    if args.cmd == "diffusability":
-        import diffusability  # the report's orchestration; the metric math is latent_metrics.py
-        return diffusability.run(args)
-    return {"gen": cmd_gen, "recon": cmd_recon, "latent": cmd_latent}[args.cmd](args)
+    return {"gen": cmd_gen, "recon": cmd_recon, "latent": cmd_latent,
+            "diffusability": cmd_diffusability}[args.cmd](args)
 
 
 if __name__ == "__main__":
