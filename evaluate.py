@@ -564,8 +564,12 @@ def main(argv=None):
         p.error("latent needs --ckpt or --cache_path")
     if getattr(args, "batch_size", 1) <= 0 or getattr(args, "num_images", 1) <= 0:
         p.error("--batch_size and --num_images must be positive")
-    return {"gen": cmd_gen, "recon": cmd_recon, "latent": cmd_latent,
-            "diffusability": cmd_diffusability}[args.cmd](args)
+    try:
+        return {"gen": cmd_gen, "recon": cmd_recon, "latent": cmd_latent,
+                "diffusability": cmd_diffusability}[args.cmd](args)
+    finally:  # under torchrun: tear gloo / NCCL down before exit (a live group can abort the process at exit)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
