@@ -191,6 +191,52 @@ class AutoencoderKL(nn.Module):
 VAVAE_F16D32 = LDMConfig()  # tokenizer/configs/vavae_f16d32.yaml: the decoder AlignTok reuses
 
 
+@dataclass
+class VAVAEConfig(PatchGrid):
+    """VA-VAE as a tokenizer of the chain (released weights only: nanotok does not train it)."""
+    family: str = "vavae"
+    image_size: int = 256
+    patch_size: int = 16          # 2^(levels - 1): f16
+    latent_dim: int = 32          # embed_dim
+    z_channels: int = 32
+    ch: int = 128
+    ch_mult: tuple = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple = (16,)
+
+    @property
+    def ldm(self):
+        return LDMConfig(z_channels=self.z_channels, ch=self.ch, ch_mult=tuple(self.ch_mult),
+                         num_res_blocks=self.num_res_blocks, attn_resolutions=tuple(self.attn_resolutions),
+                         resolution=self.image_size)
+
+
+class VAVAE(AutoencoderKL):
+    """The released VA-VAE behind the tokenizer interface, for LightningDiT's released denoisers: encode gives
+    the posterior mean as (B, H*W, C) on its grid (the official extract_features.py caches a posterior sample;
+    nanotok caches means, DESIGN.md), decode takes the grid back to NCHW."""
+
+    TRAIN_ONLY = ()
+
+    def __init__(self, cfg: VAVAEConfig):
+        super().__init__(cfg.ldm, embed_dim=cfg.latent_dim)
+        self.cfg = cfg
+
+    latent_shape = property(lambda self: (self.cfg.num_patches, self.cfg.latent_dim))
+    grid = property(lambda self: (self.cfg.grid_size, self.cfg.grid_size))
+    image_size = property(lambda self: self.cfg.image_size)
+
+    def encode(self, x, mask=None):
+        return self.moments(x)[0].flatten(2).transpose(1, 2)                 # (B, H*W, C)
+
+    def decode(self, z):
+        g = self.cfg.grid_size
+        return super().decode(z.transpose(1, 2).unflatten(2, (g, g)))      # (B, 3, H, W)
+
+    def forward(self, x, mask=None, teacher=None):
+        raise NotImplementedError("nanotok does not train VA-VAE (its VF loss is not here); it loads the release")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # AlignTok: a foundation encoder -> per-token adapter -> VA-VAE's conv decoder; z (B, H*W, C) on a grid
 

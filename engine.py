@@ -135,6 +135,11 @@ def load_checkpoint(path):
                 return released.denoiser_checkpoint(sd, find_checkpoint(path))
             except (KeyError, ValueError) as e:
                 sys.exit(f"error: cannot convert the official denoiser {path!r}: {e}")
+        try:
+            if released.vavae_state(ckpt) is not None:
+                return released.vavae_checkpoint(ckpt, find_checkpoint(path))
+        except (KeyError, ValueError) as e:
+            sys.exit(f"error: cannot convert the VA-VAE file {path!r}: {e}")
     return ckpt
 
 

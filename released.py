@@ -11,6 +11,8 @@ every nanotok tensor is filled.
   MAETok's continuous_tokenizer SiT(vae_1d=True) (Hugging Face MAETok/sit-xl_maetok-b-128: config.json +
   1D SiT     model.safetensors; trainer files {model, ema, ...})
   LightningDiT  hustvl/LightningDiT (lightningdit-xl-imagenet256-*.pt: {ema, ...} or a bare state dict)
+  VA-VAE   hustvl/LightningDiT's tokenizer (vavae-imagenet256-f16d32-dinov2.pt: a Lightning checkpoint), the
+           grid tokenizer aligntok.VAVAE that LightningDiT's releases decode with
 
   python evaluate.py recon --ckpt path/to/maetok-b-128 --data_path /data/imagenet/val    # any script's --ckpt
   python sample.py --ckpt path/to/sit-xl_maetok-b-128 --tokenizer_ckpt path/to/maetok-b-128
@@ -341,6 +343,53 @@ def denoiser_from_official(sd, hub_config=None, heads=None):
             v = v.permute(0, 2, 3, 1).reshape(v.shape[0], -1)
         out[denoiser_key(k)] = v
     return cfg, strict_map(out, own, f"official {kind} file", "DiT")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# VA-VAE (hustvl/LightningDiT vavae-imagenet256-f16d32-dinov2.pt): a Lightning checkpoint whose 'state_dict' holds
+# the autoencoder (encoder., decoder., quant_conv., post_quant_conv.) beside the training-only loss.* (LPIPS, the
+# PatchGAN), foundation_model.* (the frozen DINOv2) and linear_proj.* (the VF projection), all dropped here as
+# VA_VAE's own loader drops them (it keeps strict=False; the map below is strict on what the autoencoder needs).
+
+VAVAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+VAVAE_TRAIN_ONLY = ("loss.", "foundation_model.", "linear_proj.")
+
+
+def vavae_state(obj):
+    """The autoencoder tensors of a VA-VAE file (Lightning {'state_dict': ...} or bare), or None if it is not one."""
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict) or "encoder.conv_in.weight" not in sd or "post_quant_conv.weight" not in sd:
+        return None
+    left = [k for k in sd if not k.startswith(VAVAE_PARTS + VAVAE_TRAIN_ONLY)]
+    if left:
+        raise KeyError(f"VA-VAE file has tensors nanotok cannot place: {left[:4]}")
+    return {k: v for k, v in sd.items() if k.startswith(VAVAE_PARTS)}
+
+
+def vavae_config(sd, image_size=256):
+    """VAVAEConfig from the tensor shapes; the image size (which fixes where attention sits) is not in the file:
+    the release is 256 px."""
+    from aligntok import VAVAEConfig
+    ch = sd["encoder.conv_in.weight"].shape[0]
+    levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down."))
+    mult = tuple(sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in range(levels))
+    blocks = 1 + max(int(k.split(".")[4]) for k in sd if k.startswith("encoder.down.0.block."))
+    attn = tuple(image_size // 2 ** i for i in range(levels) if f"encoder.down.{i}.attn.0.q.weight" in sd)
+    return VAVAEConfig(image_size=image_size, patch_size=2 ** (levels - 1), latent_dim=sd["post_quant_conv.weight"].shape[1],
+                       z_channels=sd["decoder.conv_in.weight"].shape[1], ch=ch, ch_mult=mult, num_res_blocks=blocks,
+                       attn_resolutions=attn)
+
+
+def vavae_checkpoint(obj, source, image_size=256):
+    """A VA-VAE file's contents -> a nanotok tokenizer checkpoint dict (the official names are nanotok's)."""
+    from aligntok import VAVAE
+    sd = vavae_state(obj)
+    cfg = vavae_config(sd, image_size)
+    with torch.device("meta"):
+        own = VAVAE(cfg).state_dict()
+    state = strict_map(sd, own, "VA-VAE file", "nanotok's VA-VAE")
+    return {"config": asdict(cfg), "model": state, "ema": state, "step": 0, "released": os.path.abspath(source),
+            "args": {"preset": "released-vavae", "source": os.path.abspath(source)}}
 
 
 # what each release samples with (the papers' settings; README "Sample from released weights")

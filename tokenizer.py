@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from aligntok import PRESETS as ALIGNTOK_PRESETS
-from aligntok import AlignTok, AlignTokConfig
+from aligntok import VAVAE, AlignTok, AlignTokConfig, VAVAEConfig
 from mactok import PRESETS as MACTOK_PRESETS
 from mactok import MacTok, MacTokConfig
 from vit import MLP, Attention, Block, PatchGrid, RoPE2D, grid_positions, unpatchify
@@ -268,7 +268,7 @@ STAGES = {
 }
 # what a stage without the training-only parts drops, per family (and every released-style checkpoint)
 TRAIN_ONLY = {"maetok": dict(aux_targets=()), "mactok": dict(align=(), kl_weight=0.0, mask_tokens="none"),
-              "aligntok": dict()}
+              "aligntok": dict(), "vavae": dict()}
 NO_DECAY = ("pos_embed", "cls_token", "mask_token", "latent_tokens", "rope.freqs", "recon_token", "gamma")
 
 
@@ -467,7 +467,7 @@ RECIPES.update({
 })
 PRESETS.update(ALIGNTOK_PRESETS)
 FAMILIES = {"maetok": (TokenizerConfig, MAETok), "mactok": (MacTokConfig, MacTok),
-            "aligntok": (AlignTokConfig, AlignTok)}
+            "aligntok": (AlignTokConfig, AlignTok), "vavae": (VAVAEConfig, VAVAE)}
 
 
 def make_config(preset, **overrides):

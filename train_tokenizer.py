@@ -337,7 +337,10 @@ def main(argv=None):
     elif args.init_from is not None:  # a later stage: the preset and config of the run it continues
         init = engine.load_checkpoint(args.init_from)
         args.preset = init["args"].get("preset", args.preset)                # named after what it fine-tunes
-        stages = STAGES[config_from_dict(init["config"]).family]
+        family = config_from_dict(init["config"]).family
+        if family not in STAGES:
+            p.error(f"--init_from {args.init_from!r} is a {family} tokenizer, which nanotok loads but does not train")
+        stages = STAGES[family]
         if args.stage not in stages or not stages[args.stage].init:
             p.error(f"--stage {args.stage} does not continue a run: drop --init_from, or give a later stage "
                     f"({', '.join(s for s, st in stages.items() if st.init)})")

@@ -1,5 +1,6 @@
 """aligntok.py: the LDM / VA-VAE conv autoencoder against the official forward (golden vavae_decoder_small.pt)
 and the real f16d32 key list; the PatchGAN discriminator's size."""
+import pytest
 import torch
 
 from aligntok import VAVAE_F16D32, AutoencoderKL, LDMConfig
@@ -107,3 +108,45 @@ def test_a_2d_grid_tokenizer_feeds_lightningdit_end_to_end(tmp_path):
     sample.main(["--ckpt", run, "--classes", "0,1", "--seeds", "0", "--num_steps", "2", "--guide_channels", "3",
                  "--cfg_scale", "2", "--out", str(tmp_path / "g.png")])
     assert (tmp_path / "g.png").exists()
+
+
+def test_vavae_lightning_file_loads_as_a_tokenizer(tmp_path):
+    """A Lightning-format VA-VAE file (state_dict with the training-only loss.* / foundation_model.* /
+    linear_proj.* beside the autoencoder) loads through every script's checkpoint path as a grid tokenizer that
+    reproduces the official encode (posterior mean) and decode."""
+    import tokenizer
+    fx = golden("vavae_decoder_small.pt")
+    sd = {k: golden_tensor(k, s) for k, s, _ in fx["state_dict_keys"]}
+    extra = {"loss.discriminator.main.0.weight": torch.zeros(4, 3, 4, 4), "loss.logvar": torch.zeros(()),
+             "foundation_model.model.cls_token": torch.zeros(1, 1, 8), "linear_proj.weight": torch.zeros(8, 8, 1, 1)}
+    path = tmp_path / "vavae.ckpt"
+    torch.save({"state_dict": {**sd, **extra}, "global_step": 7, "epoch": 1}, path)
+    import released
+    ckpt = released.vavae_checkpoint(torch.load(path, weights_only=True), str(path), image_size=8)
+    assert ckpt["config"]["attn_resolutions"] == (4,) and ckpt["config"]["patch_size"] == 2
+    import engine
+    via = engine.load_checkpoint(str(path))                                 # what every script's --ckpt reads
+    assert via["config"]["image_size"] == 256 and via["released"] == str(path)  # the release is 256 px
+    assert all(torch.equal(via["model"][k], ckpt["model"][k]) for k in ckpt["model"])
+    tok = tokenizer.from_checkpoint(ckpt)
+    out, x, z = fx["outputs"], fx["inputs"]["x"].float(), fx["inputs"]["z"].float()
+    with torch.no_grad():
+        lat = tok.encode(x)                                                  # (B, H*W, C) on a 4 x 4 grid
+        assert lat.shape == (2, 16, 8) and tok.grid == (4, 4)
+        _close(lat.transpose(1, 2).unflatten(2, (4, 4)), out["posterior_mean"])
+        _close(tok.decode(z.flatten(2).transpose(1, 2)), out["decode"])
+    with pytest.raises(KeyError, match="cannot place"):                 # an unknown tensor is not dropped silently
+        released.vavae_state({"state_dict": {**sd, "other.w": torch.zeros(1)}})
+
+
+def test_vavae_release_config_from_the_real_key_list():
+    import released
+    from aligntok import VAVAE
+    (desc, keys), = golden("vavae_decoder_small.pt")["real_state_dict_keys"].items()
+    shapes = {k: torch.empty(s, device="meta") for k, s, _ in keys}
+    cfg = released.vavae_config(shapes)
+    assert (cfg.patch_size, cfg.latent_dim, cfg.ch_mult, cfg.attn_resolutions) == (16, 32, (1, 1, 2, 2, 4), (16,))
+    with torch.device("meta"):
+        model = VAVAE(cfg)
+    assert sum(p.numel() for p in model.parameters()) == 69_836_067
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {k: tuple(s) for k, s, _ in keys}

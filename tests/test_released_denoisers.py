@@ -219,3 +219,22 @@ def test_sample_py_runs_a_released_denoiser_with_its_tokenizer(tmp_path):
     sample.main(base + ["--latent_stats", "0.1,2.0"])
     from PIL import Image
     assert Image.open(tmp_path / "g.png").size == (34 + 2, 2 * 34 + 2)
+
+
+def test_sample_py_decodes_a_released_lightningdit_with_vavae_and_its_latent_stats(tmp_path):
+    """LightningDiT's release chain: an official {ema} file, the VA-VAE tokenizer (the golden small autoencoder as
+    a Lightning file, converted at 16 px: an 8 x 8 x 8 grid) and latents_stats.pt (mean / std (1, C, 1, 1))."""
+    import released
+    import sample
+    fx, sd = _official("lightningdit_small.pt")
+    torch.save({"ema": {**sd, **fx["outputs"]["fixed_tables"]}, "opt": {}}, tmp_path / "ldit.pt")
+    vfx = golden("vavae_decoder_small.pt")
+    vsd = {k: golden_tensor(k, s) for k, s, _ in vfx["state_dict_keys"]}
+    tok = released.vavae_checkpoint({"state_dict": vsd}, str(tmp_path / "vavae.ckpt"), image_size=16)
+    engine.save_checkpoint(tok, str(tmp_path / "vavae.pt"))
+    torch.save({"mean": torch.zeros(1, 8, 1, 1), "std": torch.full((1, 8, 1, 1), 2.0)}, tmp_path / "stats.pt")
+    sample.main(["--ckpt", str(tmp_path / "ldit.pt"), "--tokenizer_ckpt", str(tmp_path / "vavae.pt"),
+                 "--latent_stats", str(tmp_path / "stats.pt"), "--classes", "1,3", "--seeds", "0", "--num_steps", "2",
+                 "--cfg_scale", "4", "--timestep_shift", "3.333", "--out", str(tmp_path / "g.png")])
+    from PIL import Image
+    assert Image.open(tmp_path / "g.png").size == (18 + 2, 2 * 18 + 2)
