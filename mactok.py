@@ -186,8 +186,13 @@ class MacTok(nn.Module):
             pe.zero_()[0, 1:] = sincos_2d(pe.shape[-1], self.cfg.grid_size)
 
     def frozen(self):
-        """Parameters no stage trains: the from-scratch encoder's fixed sin-cos APE."""
-        return ("encoder.vit.pos_embed",) if self.cfg.encoder_init == "scratch" else ()
+        """Parameters no stage trains (DDP needs a gradient for every trained one): the from-scratch encoder's
+        fixed sin-cos APE; DINOv2's own mask token (kept so that its checkpoint loads; MacTok's is
+        encoder.mask_token, wave2-spec b); and that one too when no image token is ever masked (no mask, or the
+        latent-token control)."""
+        return ("encoder.vit.mask_token",) + (("encoder.vit.pos_embed",) if self.cfg.encoder_init == "scratch"
+                                              else ()) + (("encoder.mask_token",) if self.cfg.mask_tokens != "image"
+                                                          else ())
 
     def moments(self, x, mask=None):
         mu, logvar = self.encoder(x, mask).float().chunk(2, dim=-1)          # (B, L, C) each

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import golden, golden_tensor
+from conftest import ROOT, golden, golden_tensor
 from mactok import MacTok, draw_mask_ratios, kl_divergence, sample_posterior, top_k_mask
 from tokenizer import build, make_config, stage_config
 
@@ -301,3 +301,20 @@ def test_dinov2_teacher_gives_cls_and_patch_features_on_the_token_grid():
     mask = model.sample_mask(2, "cpu", ratio=0.25, teacher=out)
     cos = torch.nn.functional.cosine_similarity(out["cls"][:, None], out["patches"], dim=-1)
     assert torch.equal(mask, top_k_mask(cos, torch.full((2,), 64)))  # semantic: the 64 most cls-like patches
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mask_tokens", ["image", "latent"])
+def test_torchrun_trains_with_image_or_latent_masking(tmp_path, mask_tokens):
+    """Under DDP every trained parameter needs a gradient: DINOv2's own mask token is never used, nor MacTok's
+    under the latent-token control (or no mask), so MacTok.frozen freezes them instead of crashing the reducer."""
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29523",
+           "train_tokenizer.py", *BASE, "--align", "", "--teacher", "none", "--semantic_mask_prob", "0",
+           "--mask_tokens", mask_tokens, "--max_steps", "2", "--results_dir", str(tmp_path)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = next(tmp_path.iterdir())
+    assert [m["step"] for m in _metrics(run)] == [1, 2]
