@@ -6,14 +6,14 @@ within the family (Pearson r and Spearman rho, bootstrap 95% intervals), with th
 (members more than --psnr_gap dB under the family's median PSNR are left out of the primary correlation; all are
 also reported), and writes a markdown table, a JSON and a scatter grid.
 
-  python study.py                               # family A, 1D tokens: 9 tokenizers (~75 min on 2 CPU cores)
+  python study.py                               # family A (1D tokens, 9) and B (2D grids, 4): ~3 h on 2 CPU cores
   python study.py --smoke                       # A1, A5, A7, A9
   python study.py --members A1,A3 --out results/study-x
   python study.py --launcher "torchrun --nproc_per_node=8" --data_path /data/imagenet/train \\
       --val_data_path /data/imagenet/val --tok_steps 20000 --dit_steps 50000 ...   # the same on GPUs
 
 Resumes: every step of every member is skipped when its output exists, and a finished member (summary.json)
-is not touched. Family B (2D grids) needs the AlignTok issue's conv tokenizers and is not in the table yet.
+is not touched. A summary.json copied into <out>/<id>/ (with the same shared proxies) counts as finished.
 """
 import argparse
 import glob
@@ -52,6 +52,20 @@ MEMBERS = {
            KL + ["--kl_weight", f"{BSTAR / 3:.2g}", "--mask_tokens", "image", "--mask_ratio_max", "0.7",
                  "--align", "local,global", "--align_weight", "0.1", "--semantic_mask_prob", "0.5"] + TEACHER),
 }
+# family B, 2D grids (AlignTok-tiny's shape: an 8 x 8 x 8 latent grid, the small LDM decoder, L1): the same
+# network from scratch, with the "foundation encoder" (the teacher proxy) frozen, and fine-tuned with and without
+# the semantic-preservation loss; its denoiser is --dit_model_2d (LightningDiT: 2D RoPE)
+AT = ["--preset", "AlignTok-tiny"]
+MEMBERS.update({
+    "B1": ("B", "2D conv AE from scratch (AlignTok-tiny's network, random encoder)", AT + ["--stage", "scratch"]),
+    "B2": ("B", "AlignTok-tiny stage 1: the proxy encoder frozen", AT + ["--stage", "align", "--encoder_ckpt",
+                                                                         "{teacher}"]),
+    "B3": ("B", "B2 + stage 2 (encoder fine-tuned), w_sp 0", ["--stage", "perceptual", "--init_from", "{init}",
+                                                             "--sp_weight", "0"]),
+    "B4": ("B", "B2 + stage 2 (encoder fine-tuned), w_sp 1", ["--stage", "perceptual", "--init_from", "{init}",
+                                                             "--sp_weight", "1"]),
+})
+PARENTS = {"B3": "B2", "B4": "B2"}  # a later stage starts from the finished tokenizer of another member
 SMOKE = ["A1", "A5", "A7", "A9"]
 # the metrics correlated with gFID, and the direction the paper reports (+: higher metric, worse gFID)
 METRICS = {"viv_norm": "+", "viv_marginal_norm": "+", "lnc": "-", "linear_probe_accuracy": "-",
@@ -73,7 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--image_size", type=int, default=32, help="resolution of the proxy and the reference images")
     p.add_argument("--tok_steps", type=int, default=600, help="tokenizer steps per member")
     p.add_argument("--cache_images", type=int, default=5000, help="images in each latent cache")
-    p.add_argument("--dit_model", default="tiny", help="denoiser preset")
+    p.add_argument("--dit_model", default="tiny", help="denoiser preset of 1D-token members")
+    p.add_argument("--dit_model_2d", default="LightningDiT-tiny", help="denoiser preset of 2D-grid members")
     p.add_argument("--dit_steps", type=int, default=1500, help="denoiser steps per member")
     p.add_argument("--dit_batch", type=int, default=64, help="denoiser global batch")
     p.add_argument("--num_samples", type=int, default=500, help="samples per member for gFID")
@@ -90,7 +105,17 @@ def parse_args(argv=None):
     bad = [m for m in args.members if m not in MEMBERS]
     if bad:
         p.error(f"unknown members {bad}: choose from {sorted(MEMBERS)}")
+    late = [m for m in args.members if m in PARENTS and (PARENTS[m] not in args.members or
+                                                         args.members.index(PARENTS[m]) > args.members.index(m))]
+    if late:
+        p.error(f"{', '.join(late)} continue {', '.join(PARENTS[m] for m in late)}: list the parent first")
     return args
+
+
+def member_flags(mid, paths, out):
+    """A member's train_tokenizer.py flags with the teacher proxy and the parent member's tokenizer filled in."""
+    init = newest(os.path.join(out, PARENTS[mid], "tok")) if mid in PARENTS else None
+    return [f.format(teacher=paths["teacher"], init=init) for f in MEMBERS[mid][2]]
 
 
 def run(args, script, *flags, log):
@@ -133,7 +158,7 @@ def shared(args):
 
 def member(args, mid, paths, k, n):
     """Train, cache, denoise, sample, score and measure one member; returns its summary."""
-    fam, what, flags = MEMBERS[mid]
+    fam, what, _ = MEMBERS[mid]
     d = os.path.join(args.out, mid)
     summary = os.path.join(d, "summary.json")
     if os.path.exists(summary):
@@ -147,7 +172,7 @@ def member(args, mid, paths, k, n):
     common = ["--num_workers", str(args.num_workers)]
     if newest(os.path.join(d, "tok")) is None or not glob.glob(os.path.join(newest(os.path.join(d, "tok")), "checkpoints", "*.pt")):
         stage("tokenizer")
-        run(args, "train_tokenizer.py", *[f.format(teacher=paths["teacher"]) for f in flags], "--perceptual_weight",
+        run(args, "train_tokenizer.py", *member_flags(mid, paths, args.out), "--perceptual_weight",
             "0", "--max_steps", str(args.tok_steps), "--eval_every", str(args.tok_steps), "--grid_every", "-1",
             "--ckpt_every", str(args.tok_steps), "--log_every", "50", "--results_dir", os.path.join(d, "tok"),
             *data, *common, log=log)
@@ -159,7 +184,8 @@ def member(args, mid, paths, k, n):
             "--builtin_size", str(args.cache_images), *common, log=log)
     if newest(os.path.join(d, "dit")) is None or not glob.glob(os.path.join(newest(os.path.join(d, "dit")), "checkpoints", "*.pt")):
         stage("denoiser")
-        run(args, "train_diffusion.py", "--model", args.dit_model, "--cache_path", cache, "--results_dir",
+        model = args.dit_model_2d if json.load(open(os.path.join(cache, "meta.json"))).get("grid") else args.dit_model
+        run(args, "train_diffusion.py", "--model", model, "--cache_path", cache, "--results_dir",
             os.path.join(d, "dit"), "--global_batch_size", str(args.dit_batch), "--lr", "1e-3", "--time_dist",
             "logit_normal", "--max_steps", str(args.dit_steps), "--ema_decay", "0.99", "--log_every", "100",
             "--grid_every", "-1", "--ckpt_every", str(args.dit_steps), *common, log=log)
@@ -225,7 +251,7 @@ def correlate(rows, target, args):
 
 def markdown(rows, table, excluded, target, args):
     lines = [f"Proxy gFID ({'no CFG' if target == 'gfid' else f'CFG {args.cfg_scale:g}'}) against each metric, "
-             f"family A, {len(rows)} tokenizers; excluded by the recon control (PSNR more than {args.psnr_gap:g} dB "
+             f"family {rows[0]['family']}, {len(rows)} tokenizers; excluded by the recon control (PSNR more than {args.psnr_gap:g} dB "
              f"under the median): {', '.join(excluded) or 'none'}.", "",
              "| metric | paper's sign | r (controlled) [95% CI] | rho (controlled) [95% CI] | r (all) | rho (all) | n |",
              "|---|---|---|---|---|---|---|"]
@@ -270,18 +296,22 @@ def main(argv=None):
     paths = shared(args)
     rows = [member(args, m, paths, k + 1, len(args.members)) for k, m in enumerate(args.members)]
     report = {"members": rows, "minutes": (time.time() - t0) / 60}
-    text = ""
-    for target in ("gfid", "gfid_cfg"):
-        table, excluded = correlate(rows, target, args)
-        report[target] = {"table": table, "excluded": excluded}
-        text += markdown(rows, table, excluded, target, args) + "\n"
-        scatter(rows, table, target, os.path.join(args.out, f"scatter_{target}.png"))
+    text, pngs = "", []
+    for fam in sorted({r["family"] for r in rows}):  # correlations within a family only (the paper's protocol)
+        fam_rows = [r for r in rows if r["family"] == fam]
+        for target in ("gfid", "gfid_cfg"):
+            table, excluded = correlate(fam_rows, target, args)
+            report.setdefault(fam, {})[target] = {"table": table, "excluded": excluded}
+            text += markdown(fam_rows, table, excluded, target, args) + "\n"
+            if table:
+                pngs.append(f"scatter_{fam}_{target}.png")
+                scatter(fam_rows, table, target, os.path.join(args.out, pngs[-1]))
     with open(os.path.join(args.out, "study.json"), "w") as f:
         json.dump(report, f, indent=1)
     with open(os.path.join(args.out, "study.md"), "w") as f:
         f.write(text)
     print(text)
-    print(f"wrote {args.out}/study.md, study.json, scatter_gfid.png, scatter_gfid_cfg.png "
+    print(f"wrote {args.out}/study.md, study.json, {', '.join(pngs) or 'no scatter (under 3 members a family)'} "
           f"({report['minutes']:.1f} min this call)")
 
 

@@ -13,28 +13,41 @@ import train_tokenizer
 def teacher(tmp_path_factory):
     import proxy
     path = str(tmp_path_factory.mktemp("t") / "teacher.pt")
-    proxy.main(["--steps", "2", "--batch_size", "8", "--width", "8", "--num_workers", "0", "--out", path])
+    # width 16: AlignTok-tiny's encoder is this proxy's trunk (64 channels)
+    proxy.main(["--steps", "2", "--batch_size", "8", "--width", "16", "--num_workers", "0", "--out", path])
     return path
+
+
+def _train_two_steps(mid, paths, out, folder):
+    train_tokenizer.main(study.member_flags(mid, paths, str(out)) + [
+        "--perceptual_weight", "0", "--max_steps", "2", "--global_batch_size", "4", "--warmup_steps", "1",
+        "--builtin_size", "16", "--eval_every", "2", "--eval_images", "8", "--grid_every", "-1", "--log_every", "1",
+        "--num_workers", "0", "--results_dir", str(folder)])
+    return open(next(folder.glob("*/log.txt"))).read()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mid", sorted(study.MEMBERS))
 def test_each_member_builds_and_trains_two_steps(mid, teacher, tmp_path):
-    flags = [f.format(teacher=teacher) for f in study.MEMBERS[mid][2]]
-    train_tokenizer.main(flags + ["--perceptual_weight", "0", "--max_steps", "2", "--global_batch_size", "4",
-                                  "--warmup_steps", "1", "--builtin_size", "16", "--eval_every", "2",
-                                  "--eval_images", "8", "--grid_every", "-1", "--log_every", "1", "--num_workers", "0",
-                                  "--results_dir", str(tmp_path)])
-    log = open(next(tmp_path.glob("*/log.txt"))).read()
+    paths = {"teacher": teacher}
+    if mid in study.PARENTS:  # a later stage: its parent member's tokenizer first, where member() puts it
+        _train_two_steps(study.PARENTS[mid], paths, tmp_path, tmp_path / study.PARENTS[mid] / "tok")
+    log = _train_two_steps(mid, paths, tmp_path, tmp_path / "run")
     assert "step 2" in log or "held-out PSNR" in log
+
+
+def test_members_of_a_later_stage_need_their_parent_first():
+    with pytest.raises(SystemExit):
+        study.parse_args(["--members", "B3,B2"])
+    assert study.parse_args(["--members", "B2,B3"]).members == ["B2", "B3"]
 
 
 def test_correlation_table_recon_control_and_resume(tmp_path, capsys):
     rng = np.random.default_rng(0)
     rows = []
-    for i, m in enumerate(sorted(study.MEMBERS)):
+    for i, m in enumerate(m for m in sorted(study.MEMBERS) if m.startswith("A")):
         viv = 0.2 + 0.05 * i
-        rows.append({"id": m, "what": m, "psnr": 25.0 - (5.0 if m == "A5" else 0.1 * i), "proxy_rfid": 10.0,
+        rows.append({"id": m, "family": "A", "what": m, "psnr": 25.0 - (5.0 if m == "A5" else 0.1 * i), "proxy_rfid": 10.0,
                      "gfid": 10 + 20 * viv + rng.normal(0, 0.1), "gfid_cfg": 5 + 10 * viv, "viv_norm": viv,
                      "lnc": 1 - viv, "linear_probe_accuracy": 0.9 - viv})
     args = study.parse_args(["--out", str(tmp_path), "--bootstrap", "200"])
@@ -51,3 +64,15 @@ def test_correlation_table_recon_control_and_resume(tmp_path, capsys):
     (tmp_path / "A1" / "summary.json").write_text(json.dumps(rows[0]))
     assert study.member(args, "A1", {}, 1, 1) == rows[0]                   # finished: skipped, nothing run
     assert "done before" in capsys.readouterr().out
+
+
+def test_main_correlates_within_each_family(tmp_path, monkeypatch):
+    fake = {m: {"id": m, "family": m[0], "what": m, "psnr": 20.0, "proxy_rfid": 1.0, "gfid": 10.0 + i * (1 + (m[0] == "B")),
+                "gfid_cfg": 5.0 + i, "viv_norm": 0.1 * i, "lnc": 0.5, "linear_probe_accuracy": 0.3 + 0.01 * i * i}
+            for i, m in enumerate(sorted(study.MEMBERS))}
+    monkeypatch.setattr(study, "shared", lambda args: {})
+    monkeypatch.setattr(study, "member", lambda args, m, paths, k, n: fake[m])
+    study.main(["--out", str(tmp_path), "--bootstrap", "50", "--members", "A1,A2,A3,B1,B2,B3"])
+    rep = json.load(open(tmp_path / "study.json"))
+    assert rep["A"]["gfid"]["table"]["viv_norm"]["all"]["n"] == 3 and rep["B"]["gfid"]["table"]["viv_norm"]["all"]["n"] == 3
+    assert (tmp_path / "scatter_B_gfid.png").exists() and "family B, 3 tokenizers" in (tmp_path / "study.md").read_text()
