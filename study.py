@@ -17,6 +17,7 @@ is not touched. A summary.json copied into <out>/<id>/ (with the same shared pro
 """
 import argparse
 import glob
+import hashlib
 import json
 import os
 import shlex
@@ -25,6 +26,7 @@ import sys
 import time
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 import latent_metrics as lm
@@ -156,14 +158,29 @@ def shared(args):
     return paths
 
 
+def digest(path):
+    """A short hash of a checkpoint's tensors (not of the file): which proxies scored a summary."""
+    sd = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        h.update(k.encode() + sd[k].contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def member(args, mid, paths, k, n):
     """Train, cache, denoise, sample, score and measure one member; returns its summary."""
     fam, what, _ = MEMBERS[mid]
     d = os.path.join(args.out, mid)
     summary = os.path.join(d, "summary.json")
     if os.path.exists(summary):
+        done = json.load(open(summary))
+        used = {key: done.get(f"{key}_digest") for key in ("proxy", "teacher")}
+        now = {key: digest(paths[key]) for key in used if paths.get(key) and used[key]}
+        if any(used[key] != now[key] for key in now):  # a summary from another study folder: other proxies
+            sys.exit(f"error: {summary} was measured with other proxies ({used}) than {args.out}'s ({now}); "
+                     f"copy that study's proxy.pt / teacher_proxy.pt here, or delete the summary to re-run {mid}")
         print(f"[{k}/{n}] {mid} done before: {what}")
-        return json.load(open(summary))
+        return done
     os.makedirs(d, exist_ok=True)
     log = os.path.join(d, "log.txt")
     t0 = time.time()
@@ -218,7 +235,8 @@ def member(args, mid, paths, k, n):
            "gfid": gen[1.0]["proxy_fid"], "gfid_cfg": gen[args.cfg_scale]["proxy_fid"],
            "sample_class_accuracy": gen[1.0].get("class_accuracy"), "psnr": r["psnr"], "proxy_rfid": r["proxy_rfid"],
            **{k: v for k, v in m.items() if isinstance(v, float)},
-           "posterior_sample": {k: v for k, v in m.get("posterior_sample", {}).items() if isinstance(v, float)}}
+           "posterior_sample": {k: v for k, v in m.get("posterior_sample", {}).items() if isinstance(v, float)},
+           "proxy_digest": digest(paths["proxy"]), "teacher_digest": digest(paths["teacher"])}
     with open(summary + ".tmp", "w") as f:
         json.dump(out, f, indent=1)
     os.replace(summary + ".tmp", summary)

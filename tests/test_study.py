@@ -60,10 +60,20 @@ def test_correlation_table_recon_control_and_resume(tmp_path, capsys):
     text = study.markdown(rows, table, excluded, "gfid", args)
     assert "| viv_norm | + |" in text and "A5" in text.splitlines()[0]
     study.scatter(rows, table, "gfid", str(tmp_path / "s.png"))
+    import torch
+    from proxy import ProxyConfig, ProxyNet
+    paths = {}
+    for key, seed in (("proxy", 0), ("teacher", 1)):
+        torch.manual_seed(seed)
+        paths[key] = str(tmp_path / f"{key}.pt")
+        torch.save({"model": ProxyNet(ProxyConfig(width=4)).state_dict()}, paths[key])
     (tmp_path / "A1").mkdir()
-    (tmp_path / "A1" / "summary.json").write_text(json.dumps(rows[0]))
-    assert study.member(args, "A1", {}, 1, 1) == rows[0]                   # finished: skipped, nothing run
+    done = {**rows[0], "proxy_digest": study.digest(paths["proxy"]), "teacher_digest": study.digest(paths["teacher"])}
+    (tmp_path / "A1" / "summary.json").write_text(json.dumps(done))
+    assert study.member(args, "A1", paths, 1, 1) == done                   # finished: skipped, nothing run
     assert "done before" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="other proxies"):                 # scored by another study's proxies
+        study.member(args, "A1", {**paths, "proxy": paths["teacher"]}, 1, 1)
 
 
 def test_main_correlates_within_each_family(tmp_path, monkeypatch):
