@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from discriminator import adaptive_weight
 from pretrained import IMAGENET_MEAN, IMAGENET_STD, DinoViT, dinov2_config
 from proxy import ProxyConfig, ProxyNet
 from vit import PatchGrid
@@ -343,6 +344,20 @@ class AlignTok(nn.Module):
         rec = self.decode(z)
         pixel = F.l1_loss(rec.float(), x.float())
         return {"pixel": pixel, "loss": pixel, "rec": rec, "z": z}
+
+
+def semantic_preservation(model, ref, x, z, nll, weight):
+    """AlignTok's L_sp = ||z - z_ref||^2 (mean) against the frozen stage-1 model, times its adaptive weight
+    ||grad nll|| / (||grad L_sp|| + 1e-4) at the adapter's last layer, clamped to [0, 1e8] (VA-VAE's VF clamp):
+    0, not NaN, at the first step of stage 2 where L_sp = 0."""
+    with torch.no_grad():
+        z_ref = ref.encode(x)
+    sp = (z.float() - z_ref.float()).pow(2).mean()
+    w = model.encoder_last_layer
+    g_nll, = torch.autograd.grad(nll, w, retain_graph=True)
+    g_sp, = torch.autograd.grad(sp, w, retain_graph=True, allow_unused=False)
+    lam = adaptive_weight(g_nll, g_sp, max_weight=1e8)
+    return weight * lam * sp, {"sp": sp.detach(), "sp_lambda": lam}
 
 
 PRESETS = {

@@ -30,8 +30,9 @@ from tqdm import tqdm
 
 import data
 import engine
-from discriminator import (Discriminator, GANLoss, NLayerDiscriminator, ProxyDiscTrunk, adaptive_weight,
-                           dino_discriminator, load_dino_disc_trunk)
+from aligntok import semantic_preservation
+from discriminator import (Discriminator, GANLoss, NLayerDiscriminator, ProxyDiscTrunk, dino_discriminator,
+                           load_dino_disc_trunk)
 from mactok import DINOv2Teacher, ProxyTeacher
 from pretrained import DINOV2_ARCHS, SIGLIP_SO400M, dinov2_target, load_dinov2, load_lpips, siglip_target
 from proxy import load_proxy
@@ -41,7 +42,7 @@ from tokenizer import (PRESETS, RECIPES, STAGES, build, config_from_dict, make_c
 # flags a resumed run may change; every other flag is restored from the checkpoint
 RESUME_FLAGS = ("max_steps", "decay_steps", "log_every", "eval_every", "ckpt_every", "grid_every", "num_workers",
                 "compile", "keep_checkpoints", "eval_images", "resume", "vgg_ckpt", "dinov2_ckpt", "siglip_ckpt",
-                "dino_ckpt", "disc_proxy_ckpt", "teacher_proxy_ckpt", "encoder_ckpt")
+                "dino_ckpt", "disc_proxy_ckpt", "teacher_proxy_ckpt", "encoder_ckpt", "decoder_ckpt")
 ALL_STAGES = sorted({s for stages in STAGES.values() for s in stages})
 AUX_TARGETS = ("hog", "dinov2", "siglip")
 
@@ -86,6 +87,9 @@ def parse_args(argv=None):
     p.add_argument("--encoder_ckpt", default=None,
                    help="MacTok --encoder_init dinov2: a local DINOv2 .pth; AlignTok: its encoder's weights, the "
                         "DINOv2 .pth (default: official URL) or, for --preset AlignTok-tiny, a proxy.py checkpoint")
+    p.add_argument("--decoder_ckpt", default=None,
+                   help="AlignTok stage align: start the decoder from VA-VAE's (its release .pt, or any checkpoint "
+                        "with decoder.* and post_quant_conv.*; default: random, as the paper)")
     p.add_argument("--sp_weight", type=float, default=1.0,
                    help="AlignTok stage perceptual: weight of the semantic-preservation loss (x its adaptive weight)")
     p.add_argument("--crop", default=None, choices=["random", "center"],
@@ -156,6 +160,8 @@ def validate(p, args):
                                                        "proxy.py --seed 1 --width 8 --out results/disc_proxy.pt)"),
         (args.teacher != "proxy" or args.teacher_proxy_ckpt, "--teacher proxy needs --teacher_proxy_ckpt (train "
                                                              "one: python proxy.py --out results/proxy.pt)"),
+        (args.decoder_ckpt is None or args.stage == "align", "--decoder_ckpt starts stage align's decoder (later "
+                                                            "stages continue theirs from --init_from)"),
         (args.image_size is None or args.image_size > 0, "--image_size must be positive"),
         (args.builtin_size > 0 and args.eval_images > 0, "--builtin_size and --eval_images must be positive"),
         (set(args.aux_targets.split(",")) <= {"", *AUX_TARGETS},
@@ -207,18 +213,16 @@ def init_aligntok_encoder(model, args, cfg):
     return f"DINOv2 {cfg.dinov2_arch}"
 
 
-def semantic_preservation(model, ref, x, z, nll, weight):
-    """AlignTok's L_sp = ||z - z_ref||^2 (mean) against the frozen stage-1 model, times its adaptive weight
-    ||grad nll|| / (||grad L_sp|| + 1e-4) at the adapter's last layer, clamped to [0, 1e8] (VA-VAE's VF clamp):
-    0, not NaN, at the first step of stage 2 where L_sp = 0."""
-    with torch.no_grad():
-        z_ref = ref.encode(x)
-    sp = (z.float() - z_ref.float()).pow(2).mean()
-    w = model.encoder_last_layer
-    g_nll, = torch.autograd.grad(nll, w, retain_graph=True)
-    g_sp, = torch.autograd.grad(sp, w, retain_graph=True, allow_unused=False)
-    lam = adaptive_weight(g_nll, g_sp, max_weight=1e8)
-    return weight * lam * sp, {"sp": sp.detach(), "sp_lambda": lam}
+def init_aligntok_decoder(model, path):
+    """--decoder_ckpt: post_quant_conv + the LDM decoder from a VA-VAE file (the official names are ours)."""
+    parts = ("decoder.", "post_quant_conv.")
+    own = {k: v.shape for k, v in model.state_dict().items() if k.startswith(parts)}
+    got = {k: v for k, v in engine.load_checkpoint(path)["model"].items() if k.startswith(parts)}
+    bad = sorted(set(own) ^ set(got)) + [k for k in own if k in got and got[k].shape != own[k]]
+    if bad:
+        sys.exit(f"error: --decoder_ckpt {path!r} does not hold this decoder (e.g. {bad[:3]}): AlignTok-L-f16d32 "
+                 f"takes VA-VAE f16d32's")
+    model.load_state_dict(got, strict=False)
 
 
 def build_teacher(args, cfg, device):
@@ -395,6 +399,8 @@ def main(argv=None):
     encoder_src = None
     if cfg.family == "aligntok" and args.stage == "align" and ckpt is None:
         encoder_src = init_aligntok_encoder(model, args, cfg)
+        if args.decoder_ckpt:
+            init_aligntok_decoder(model, args.decoder_ckpt)
     # AlignTok stage 2: the frozen stage-1 model is L_sp's reference (the weights it starts from)
     ref = copy.deepcopy(model).requires_grad_(False).eval() if cfg.family == "aligntok" and \
         args.stage == "perceptual" and args.sp_weight > 0 else None

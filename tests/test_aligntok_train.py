@@ -117,3 +117,24 @@ def test_tiny_aligntok_fits_one_batch(tmp_path):
                                 "--results_dir", str(tmp_path)])
     pix = [r["pixel"] for r in metrics(run) if "pixel" in r]
     assert max(pix[-3:]) < 0.6 * pix[0], (pix[0], pix[-3:])
+
+
+def test_decoder_starts_from_a_vavae_file(tmp_path, encoder_ckpt):
+    """--decoder_ckpt: post_quant_conv + decoder from a VA-VAE Lightning file of the same shape (AlignTok-tiny's
+    decoder here); a decoder of another shape is a clear error."""
+    from aligntok import VAVAE, VAVAEConfig
+    torch.manual_seed(3)
+    shape = dict(image_size=32, patch_size=4, latent_dim=8, z_channels=8, ch=32, ch_mult=(1, 2, 2), attn_resolutions=(8,))
+    vae = VAVAE(VAVAEConfig(**shape)).state_dict()
+    torch.save({"state_dict": vae}, tmp_path / "vavae.ckpt")
+    run = train_tokenizer.main(["--preset", "AlignTok-tiny", "--encoder_ckpt", encoder_ckpt, "--max_steps", "1",
+                                "--lr", "1e-12", "--decoder_ckpt", str(tmp_path / "vavae.ckpt"),
+                                "--results_dir", str(tmp_path / "r"), *BASE])
+    sd = last(run)["model"]
+    for k, v in vae.items():
+        if k.startswith(("decoder.", "post_quant_conv.")):
+            torch.testing.assert_close(sd[k], v, rtol=0, atol=1e-6)
+    torch.save({"state_dict": VAVAE(VAVAEConfig(**{**shape, "latent_dim": 4})).state_dict()}, tmp_path / "bad.ckpt")
+    with pytest.raises(SystemExit, match="does not hold this decoder"):
+        train_tokenizer.main(["--preset", "AlignTok-tiny", "--encoder_ckpt", encoder_ckpt, "--max_steps", "1",
+                              "--decoder_ckpt", str(tmp_path / "bad.ckpt"), "--results_dir", str(tmp_path / "b"), *BASE])
