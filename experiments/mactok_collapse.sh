@@ -5,7 +5,7 @@
 # tokenizer collapses; at beta* it compares no masking, MacTok's random masking and the latent-token control; then,
 # at a weight that does not collapse, the alignment / semantic-masking add-ons with the proxy classifier as the
 # teacher. Linear probe of mu on 2000 held-out images (chance 10%), LNC and VIV (evaluate.py diffusability). Run
-# from the repo root; it resumes (what exists is skipped); ~35 min on 2 cores, ~80 with the latent metrics.
+# from the repo root; it resumes (what exists is skipped); ~40 min on 2 cores with the latent metrics.
 set -euo pipefail
 OUT=${OUT:-results/mactok}
 TEACHER=${TEACHER:-results/quickstart/proxy.pt}
