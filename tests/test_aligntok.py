@@ -7,8 +7,12 @@ from aligntok import VAVAE_F16D32, AutoencoderKL, LDMConfig
 from conftest import golden, golden_tensor
 
 
-def _close(got, ref):
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+def _close(got, ref, scaled=False):
+    """The fixtures' atol 1e-5 / rtol 1e-4. scaled: the decoder's inner taps reach |x| ~ 32, where float32 conv
+    sums in another order (another CPU's oneDNN kernels) differ by up to ~1e-6 of the tensor's scale (2.9e-5 seen);
+    the atol follows that scale (a real deviation, e.g. bilinear upsampling, is off by 1.4)."""
+    atol = max(1e-5, 2e-6 * ref.abs().max().item()) if scaled else 1e-5
+    torch.testing.assert_close(got, ref, atol=atol, rtol=1e-4)
 
 
 def test_vavae_autoencoder_matches_the_official_forward():
@@ -26,7 +30,7 @@ def test_vavae_autoencoder_matches_the_official_forward():
     with torch.no_grad():
         _close(model.decode(z), out["decode"])
         for k, v in out["debug_decode"].items():
-            _close(taps[k], v)
+            _close(taps[k], v, scaled=True)
         _close(model.encoder(x), out["encoder_out"])
         mean, logvar = model.moments(x)
         _close(mean, out["posterior_mean"])
