@@ -6,7 +6,7 @@ within the family (Pearson r and Spearman rho, bootstrap 95% intervals), with th
 (members more than --psnr_gap dB under the family's median PSNR are left out of the primary correlation; all are
 also reported), and writes a markdown table, a JSON and a scatter grid.
 
-  python study.py                               # family A (1D tokens, 9: ~75 min on 2 CPU cores) and B (2D grids, 4: ~2 h)
+  python study.py                               # family A (1D tokens, 9: ~75 min on 2 CPU cores) and B (2D grids, 4: ~75 min)
   python study.py --smoke                       # A1, A5, A7, A9
   python study.py --members A1,A3 --out results/study-x
   python study.py --launcher "torchrun --nproc_per_node=8" --data_path /data/imagenet/train \\
