@@ -6,7 +6,7 @@ within the family (Pearson r and Spearman rho, bootstrap 95% intervals), with th
 (members more than --psnr_gap dB under the family's median PSNR are left out of the primary correlation; all are
 also reported), and writes a markdown table, a JSON and a scatter grid.
 
-  python study.py                               # family A (1D tokens, 9: ~75 min on 2 CPU cores) and B (2D grids, 4: ~75 min)
+  python study.py                               # family A (1D tokens, 9: ~80 min on 2 CPU cores) and B (2D grids, 4: ~2 h)
   python study.py --smoke                       # A1, A5, A7, A9
   python study.py --members A1,A3 --out results/study-x
   python study.py --launcher "torchrun --nproc_per_node=8" --data_path /data/imagenet/train \\
@@ -69,10 +69,13 @@ MEMBERS.update({
 })
 PARENTS = {"B3": "B2", "B4": "B2"}  # a later stage starts from the finished tokenizer of another member
 SMOKE = ["A1", "A5", "A7", "A9"]
-# the metrics correlated with gFID, and the direction the paper reports (+: higher metric, worse gFID)
+# the metrics correlated with gFID, and the direction the paper reports (+: higher metric, worse gFID); the
+# grid-only ones (SEC, LDS, CDS, SRSS, LNC-FG, the direct equivariance error) enter family B's table only
 METRICS = {"viv_norm": "+", "viv_marginal_norm": "+", "lnc": "-", "linear_probe_accuracy": "-",
-           "gmm_nll_per_dim_k10": "+", "sec1d_0.5": "+", "rmsc": "-", "density_cv": "weak", "gini": "weak",
+           "gmm_nll_per_dim_k10": "+", "sec1d_0.5": "+", "sec_0.5": "+", "lds": "-", "cds": "-", "srss": "-",
+           "lnc_fg": "-", "rmsc": "-", "density_cv": "weak", "gini": "weak",
            "entropy": "weak", "proxy_ifid": "+", "eq_linear_r2_rot90": "weak", "eq_linear_r2_scale": "weak",
+           "eq_err_rot90": "weak", "eq_err_scale": "weak",
            "trajectory_local_straightness": "-", "trajectory_global_efficiency": "-", "psnr": "weak (controlled)",
            "proxy_rfid": "weak (controlled)"}
 

@@ -80,9 +80,14 @@ def test_main_correlates_within_each_family(tmp_path, monkeypatch):
     fake = {m: {"id": m, "family": m[0], "what": m, "psnr": 20.0, "proxy_rfid": 1.0, "gfid": 10.0 + i * (1 + (m[0] == "B")),
                 "gfid_cfg": 5.0 + i, "viv_norm": 0.1 * i, "lnc": 0.5, "linear_probe_accuracy": 0.3 + 0.01 * i * i}
             for i, m in enumerate(sorted(study.MEMBERS))}
+    for m in fake:                                                         # a grid-only metric: family B has it
+        if m[0] == "B":
+            fake[m]["lds"] = 1.0 - 0.1 * int(m[1:])
     monkeypatch.setattr(study, "shared", lambda args: {})
     monkeypatch.setattr(study, "member", lambda args, m, paths, k, n: fake[m])
     study.main(["--out", str(tmp_path), "--bootstrap", "50", "--members", "A1,A2,A3,B1,B2,B3"])
     rep = json.load(open(tmp_path / "study.json"))
     assert rep["A"]["gfid"]["table"]["viv_norm"]["all"]["n"] == 3 and rep["B"]["gfid"]["table"]["viv_norm"]["all"]["n"] == 3
+    assert "lds" in rep["B"]["gfid"]["table"] and "lds" not in rep["A"]["gfid"]["table"]
+    assert rep["B"]["gfid"]["table"]["lds"]["all"]["spearman"] < -0.99   # smoother grid, lower gFID here
     assert (tmp_path / "scatter_B_gfid.png").exists() and "family B, 3 tokenizers" in (tmp_path / "study.md").read_text()
