@@ -246,8 +246,8 @@ class AlignTokConfig(PatchGrid):
     family: str = "aligntok"
     image_size: int = 256
     patch_size: int = 16          # pixels per latent cell: f16, a 16 x 16 grid at 256 px
-    # 'dinov2': the paper's ViT-L/14 on the image resized to 224 (16 x 16 patch tokens); 'proxy': offline, the
-    # proxy classifier's stages 1-3 (a stride-4 grid), always reported by name
+    # 'dinov2': the paper's ViT-L/14 on the image resized to grid * 14 (224 at 256 px: 16 x 16 tokens); 'proxy':
+    # offline, the proxy classifier's stages 1-3 (a stride-4 grid), always reported by name
     encoder: str = "dinov2"
     dinov2_arch: str = "vitl14"
     proxy_width: int = 16
@@ -267,17 +267,18 @@ class AlignTokConfig(PatchGrid):
 
 
 class DINOv2Encoder(nn.Module):
-    """Trainable DINOv2 (stage 2): [-1, 1] images resized to 224 (bicubic) and ImageNet-normalised -> the
-    final-norm patch tokens (B, 256, D); cls and registers dropped."""
+    """Trainable DINOv2 (stage 2): [-1, 1] images resized to grid * 14 (bicubic; 224 for the paper's 16 x 16 grid at
+    256 px) and ImageNet-normalised -> the final-norm patch tokens (B, grid^2, D); cls and registers dropped. The
+    resize follows the latent grid, so every image size that is a multiple of the patch size works."""
 
-    def __init__(self, arch):
+    def __init__(self, arch, grid=16):
         super().__init__()
-        self.vit = DinoViT(dinov2_config(arch))
+        self.vit, self.size = DinoViT(dinov2_config(arch)), grid * 14
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x):
-        x = F.interpolate(x, size=(224, 224), mode="bicubic", align_corners=False)
+        x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False)
         x = ((x + 1) / 2 - self.mean) / self.std
         return self.vit.forward_features(x)["x_norm_patchtokens"]
 
@@ -311,7 +312,8 @@ class AlignTok(nn.Module):
     def __init__(self, cfg: AlignTokConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = DINOv2Encoder(cfg.dinov2_arch) if cfg.encoder == "dinov2" else ProxyEncoder(cfg.proxy_width)
+        self.encoder = (DINOv2Encoder(cfg.dinov2_arch, cfg.grid_size) if cfg.encoder == "dinov2"
+                        else ProxyEncoder(cfg.proxy_width))
         self.adapter = nn.Sequential(nn.Linear(cfg.enc_dim, cfg.adapter_hidden), nn.GELU(),
                                      nn.Linear(cfg.adapter_hidden, cfg.latent_dim))
         self.post_quant_conv = nn.Conv2d(cfg.latent_dim, cfg.latent_dim, 1)
@@ -325,6 +327,11 @@ class AlignTok(nn.Module):
     # adapter's last Linear, which makes z ([CHOICE] for the paper's "last layer of the encoder")
     last_layer = property(lambda self: self.decoder.conv_out.weight)
     encoder_last_layer = property(lambda self: self.adapter[-1].weight)
+
+    def frozen(self):
+        """Parameters no stage trains (DDP needs a gradient for every trained one): DINOv2's own mask token, kept
+        so that the official checkpoint loads strictly; AlignTok never masks."""
+        return ("encoder.vit.mask_token",) if self.cfg.encoder == "dinov2" else ()
 
     def encode(self, x, mask=None):
         return self.adapter(self.encoder(x))                                 # (B, N, C)

@@ -291,6 +291,27 @@ def gan_state(gan, opt_d):
     return {"disc": gan.disc.state_dict(), "disc_optimizer": opt_d.state_dict(), "lecam": {"real": real, "fake": fake}}
 
 
+def generator_loss(model, fwd, x, mask, teacher, lpips=None, pw=0.0, ref=None, sp_weight=0.0, gan=None):
+    """The tokenizer's loss on one micro-batch: the model's own terms (reconstruction, aux, KL, alignment), LPIPS
+    at weight pw, AlignTok's L_sp against the stage-1 model `ref`, and the GAN's generator term when `gan` is
+    given. fwd is the model or its DDP / compiled wrapper; both adaptive weights balance against nll."""
+    out = fwd(x, mask, teacher)
+    nll = out["pixel"]
+    if lpips is not None:
+        out["lpips"] = lpips(out["rec"].float(), x).mean()
+        nll = nll + pw * out["lpips"]
+        out["loss"] = out["loss"] + pw * out["lpips"]
+    if ref is not None:
+        term, logs = semantic_preservation(model, ref, x, out["z"], nll, sp_weight)
+        out["loss"] = out["loss"] + term
+        out.update(logs)
+    if gan is not None:  # the adaptive weight balances the GAN against reconstruction + perceptual only
+        term, logs = gan.generator_term(out["rec"], nll, model.last_layer)
+        out["loss"] = out["loss"] + term
+        out.update(logs)
+    return out
+
+
 @torch.no_grad()
 def eval_psnr(model, ds, idx, rank, world, device, ctx, batch_size=64):
     """Mean PSNR (uint8 pixels, the usual convention) of unmasked reconstructions of held-out images idx."""
@@ -491,20 +512,9 @@ def main(argv=None):
 
     def loss_fn(fwd, batch):
         x, mask, teacher, pw, adversarial = batch
-        out = fwd(x, mask, teacher)
-        nll = out["pixel"]
-        if lpips is not None:
-            out["lpips"] = lpips(out["rec"].float(), x).mean()
-            nll = nll + pw * out["lpips"]
-            out["loss"] = out["loss"] + pw * out["lpips"]
-        if ref is not None:
-            term, logs = semantic_preservation(model, ref, x, out["z"], nll, args.sp_weight)
-            out["loss"] = out["loss"] + term
-            out.update(logs)
-        if adversarial:  # the adaptive weight balances the GAN against reconstruction + perceptual only
-            term, logs = gan.generator_term(out["rec"], nll, model.last_layer)
-            out["loss"] = out["loss"] + term
-            out.update(logs)
+        out = generator_loss(model, fwd, x, mask, teacher, lpips, pw, ref, args.sp_weight,
+                             gan if adversarial else None)
+        if adversarial:
             pairs.append((x, out["rec"].detach()))
         return out
 

@@ -49,7 +49,9 @@ def test_heads_match_official_fixture_train_and_eval():
     with torch.no_grad():
         ref = fx["outputs"]["eval"]["logits"]
         got = disc.eval()(x)
-        assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()            # eval: stored u, v, no iteration
+        # eval: stored u, v, no iteration. The rule-filled weights give logits up to 1e7 from cancelling sums: the
+        # float32 accumulation order of the conv differs by CPU (4e-5 of the largest logit seen with AMX kernels)
+        assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
         disc.load_state_dict(heads_sd)
         torch.testing.assert_close(disc.train()(x), fx["outputs"]["train"]["logits"], atol=1e-5, rtol=1e-4)
         state = disc.state_dict()

@@ -16,7 +16,9 @@ from released import denoiser_config, denoiser_from_official, denoiser_key, deno
 
 
 def _close(got, ref):
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    """float32 agreement at the outputs' scale: inner activations reach 20, and the accumulation order of a
+    matmul differs by CPU (AVX2 / AVX-512 / AMX kernels: 2e-5 seen at |x| = 6); a wrong op differs by > 1e-2."""
+    torch.testing.assert_close(got, ref, atol=1e-5 * max(1.0, ref.abs().max().item()), rtol=1e-4)
 
 
 def _official(name):
