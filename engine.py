@@ -57,6 +57,15 @@ def micro_batching(global_batch, micro, world):
     return micro, global_batch // (micro * world)
 
 
+def resume_micro_batch(global_batch, micro, saved_world, world):
+    """The micro-batch of a run resumed on `world` ranks: `micro` (given now, or the saved run's; None: the saved
+    run's global / world, what its ranks fitted in memory), lowered to the largest size that divides the new
+    per-rank share. The global batch never changes; accumulation takes up the rest (micro_batching)."""
+    micro = micro or max(1, global_batch // saved_world)
+    share = global_batch // world if global_batch % world == 0 else 0
+    return max((m for m in range(1, min(micro, share) + 1) if share % m == 0), default=micro)
+
+
 def count(module):
     return sum(p.numel() for p in module.parameters())
 
@@ -156,6 +165,11 @@ def ema_update(ema, model, decay):
         b_ema.copy_(b)
 
 
+def fresh_seed(seed, step, rank):
+    """A seed for a rank that joins at `step`: no other rank's (seed * world + rank) stream can reach it."""
+    return (1 << 62) ^ (seed << 40) ^ (step << 12) ^ rank
+
+
 def rng_state(device):
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda"
             else torch.zeros(0, dtype=torch.uint8)}
@@ -215,12 +229,19 @@ class Run:
         if self.ddp:
             dist.barrier()
 
-    def restore_rng(self, ckpt, device):
-        """Per-rank RNG streams of a resumed run, exactly as they were."""
-        if len(ckpt["rng"]) != self.world:
-            self.log(f"warning: checkpoint saved with {len(ckpt['rng'])} ranks, resuming on {self.world}: "
-                     f"not bitwise")
-        set_rng_state(ckpt["rng"][self.rank % len(ckpt["rng"])], device)
+    def restore_rng(self, ckpt, device, seed):
+        """Per-rank RNG streams of a resumed run, exactly as they were. On more ranks than the checkpoint has, a new
+        rank takes a fresh stream of its own (never a copy of another rank's: masks, t and noise would repeat)."""
+        saved = ckpt["rng"]
+        if len(saved) != self.world:
+            self.log(f"resume: checkpoint saved with {len(saved)} ranks, resuming on {self.world}: ranks "
+                     f"0-{min(len(saved), self.world) - 1} continue their streams" +
+                     (f", ranks {len(saved)}-{self.world - 1} start fresh ones" if self.world > len(saved) else "") +
+                     "; the run continues but is not bitwise an uninterrupted one")
+        if self.rank < len(saved):
+            set_rng_state(saved[self.rank], device)
+        else:  # seeded by (seed, step, rank): distinct from every other rank and from the streams before
+            torch.manual_seed(fresh_seed(seed, ckpt["step"], self.rank))
 
 
 # ----------------------------------------------------------------------------------------------------------

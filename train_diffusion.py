@@ -29,7 +29,7 @@ from engine import find_checkpoint, load_checkpoint
 from tokenizer import comparable_config, from_checkpoint
 
 RESUME_FLAGS = ("max_steps", "log_every", "ckpt_every", "grid_every", "num_workers", "compile",
-                "keep_checkpoints", "resume", "tokenizer_ckpt")
+                "keep_checkpoints", "resume", "tokenizer_ckpt", "micro_batch_size")
 
 
 def parse_args(argv=None):
@@ -136,6 +136,9 @@ def main(argv=None):
     args, ckpt = parse_args(argv)  # a resumed run's config and flags come from its checkpoint
     ddp, rank, world, local, device = engine.setup_distributed()
     precision, ctx = engine.autocast_context(args.precision, device)
+    if ckpt is not None:  # on another world size: the same global batch, the micro-batch re-planned
+        args.micro_batch_size = engine.resume_micro_batch(args.global_batch_size, args.micro_batch_size,
+                                                          len(ckpt["rng"]), world)
     micro, accum = engine.micro_batching(args.global_batch_size, args.micro_batch_size, world)
 
     # ---- data: a latent cache, or images encoded on the fly. Errors come before any work
@@ -213,7 +216,7 @@ def main(argv=None):
 
     torch.manual_seed(args.seed * world + rank)  # per-rank streams for t, noise and label dropout
     if ckpt is not None:
-        run.restore_rng(ckpt, device)
+        run.restore_rng(ckpt, device, args.seed)
 
     def checkpoint(step):
         run.checkpoint(lambda: {

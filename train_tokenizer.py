@@ -42,7 +42,8 @@ from tokenizer import (PRESETS, RECIPES, STAGES, build, config_from_dict, make_c
 # flags a resumed run may change; every other flag is restored from the checkpoint
 RESUME_FLAGS = ("max_steps", "decay_steps", "log_every", "eval_every", "ckpt_every", "grid_every", "num_workers",
                 "compile", "keep_checkpoints", "eval_images", "resume", "vgg_ckpt", "dinov2_ckpt", "siglip_ckpt",
-                "dino_ckpt", "disc_proxy_ckpt", "teacher_proxy_ckpt", "encoder_ckpt", "decoder_ckpt")
+                "dino_ckpt", "disc_proxy_ckpt", "teacher_proxy_ckpt", "encoder_ckpt", "decoder_ckpt",
+                "micro_batch_size")
 ALL_STAGES = sorted({s for stages in STAGES.values() for s in stages})
 AUX_TARGETS = ("hog", "dinov2", "siglip")
 
@@ -357,6 +358,9 @@ def main(argv=None):
                  **a}  # a checkpoint older than --disc trained without a GAN
         args, ignored = engine.resume_args(p, args, explicit, saved, RESUME_FLAGS)
         cfg = config_from_dict(ckpt["config"])
+        # on another world size: the same global batch, the micro-batch re-planned
+        args.micro_batch_size = engine.resume_micro_batch(args.global_batch_size, args.micro_batch_size,
+                                                          len(ckpt["rng"]), world)
         if args.decay_steps != saved["decay_steps"]:
             replanned = (saved["decay_steps"], args.decay_steps)
     elif args.init_from is not None:  # a later stage: the preset and config of the run it continues
@@ -499,7 +503,7 @@ def main(argv=None):
     # ---- RNG: per-rank streams for masking; a resumed run restores them exactly
     torch.manual_seed(args.seed * world + rank)
     if ckpt is not None:
-        run.restore_rng(ckpt, device)
+        run.restore_rng(ckpt, device, args.seed)
 
     def checkpoint(step):
         run.checkpoint(lambda: {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),

@@ -170,6 +170,35 @@ def test_torchrun_two_process_cpu_smoke(tmp_path, disc_proxy):
     assert "BatchNorm per rank under gloo" in (run / "log.txt").read_text()
 
 
+@pytest.mark.slow
+def test_resume_on_another_number_of_ranks_keeps_the_global_batch_and_distinct_streams(tmp_path):
+    """2 ranks for 2 steps, resumed on 3 ranks and on 1: the global batch stays 12 (micro-batch and accumulation
+    re-planned from the per-rank batch the run had), and the joining rank draws its own stream, not rank 0's."""
+    import shutil
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["train_tokenizer.py", *BASE, "--global_batch_size", "12", "--builtin_size", "48"]
+
+    def launch(n, *extra):
+        pre = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master_port=29531"] \
+            if n > 1 else [sys.executable]
+        r = subprocess.run(pre + args + list(extra), cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    launch(2, "--max_steps", "2", "--results_dir", str(tmp_path / "a"))
+    run = next((tmp_path / "a").iterdir())
+    shutil.copytree(run, tmp_path / "b")
+    launch(3, "--max_steps", "3", "--resume", str(run))
+    launch(1, "--max_steps", "3", "--resume", str(tmp_path / "b"))
+    for folder, plan, n in ((run, "12 = 3 ranks x 4 x 1 accum", 3), (tmp_path / "b", "12 = 1 ranks x 6 x 2 accum", 1)):
+        log = (folder / "log.txt").read_text()
+        assert plan in log and "2 ranks x 6 x 1 accum" in log and "checkpoint saved with 2 ranks" in log
+        ck = torch.load(folder / "checkpoints" / "0000003.pt", weights_only=True)
+        states = [s["torch"] for s in ck["rng"]]
+        assert len(states) == n and ck["args"]["global_batch_size"] == 12
+        assert all(not torch.equal(states[i], states[j]) for i in range(n) for j in range(i))
+        assert [m["step"] for m in metrics(folder)] == [1, 2, 3]
+
+
 def test_perceptual_term_with_local_vgg(tmp_path):
     from pretrained import VGG16Features
     torch.save(VGG16Features().state_dict(), tmp_path / "vgg16.pth")  # official key layout, features.*
