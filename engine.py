@@ -286,6 +286,22 @@ def clip_gradients(params, clip, measure):
     return torch.nn.utils.get_total_norm([p.grad for p in params]) if measure else None
 
 
+def nonfinite_streak(gnorm, streak, patience, log, step, what="gradient norm"):
+    """The count of consecutive non-finite steps after this one (0: finite, the update goes ahead). A NaN / inf in
+    any rank's loss reaches every rank's all-reduced gradients, so all ranks decide alike. The caller skips the
+    update (optimizer, EMA, discriminator untouched); `patience` in a row stop the run with the last good
+    checkpoint intact (nothing is written on the way out)."""
+    if bool(torch.isfinite(gnorm)):
+        return 0
+    streak += 1
+    log(f"step {step + 1}: non-finite {what} ({gnorm.item()}): update skipped ({streak} in a row)")
+    if streak >= patience:
+        sys.exit(f"error: {streak} consecutive steps with a non-finite {what} (last at step {step + 1}): the run "
+                 f"stops; its last checkpoint is the last good state. Lower --lr, check the data, or resume with "
+                 f"--precision fp32")
+    return streak
+
+
 def reduce_means(sums, n, ddp, world, extra=()):
     """Means of summed scalar terms over n steps (or n[k] steps for term k: terms that start mid-interval, such
     as the GAN's) and all ranks -> floats; `extra` are summed across ranks."""

@@ -29,7 +29,7 @@ from engine import find_checkpoint, load_checkpoint
 from tokenizer import comparable_config, from_checkpoint
 
 RESUME_FLAGS = ("max_steps", "log_every", "ckpt_every", "grid_every", "num_workers", "compile",
-                "keep_checkpoints", "resume", "tokenizer_ckpt", "micro_batch_size")
+                "keep_checkpoints", "resume", "tokenizer_ckpt", "micro_batch_size", "nonfinite_patience")
 
 
 def parse_args(argv=None):
@@ -69,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--grid_steps", type=int, default=50, help="Euler steps for the picture grids")
     p.add_argument("--grid_cfg", type=float, default=1.0, help="CFG scale for the picture grids")
     p.add_argument("--keep_checkpoints", type=int, default=3, help="newest checkpoints kept (0 = all)")
+    p.add_argument("--nonfinite_patience", type=int, default=20,
+                   help="consecutive steps with a non-finite loss or gradient (each skipped) before the run stops")
     args = p.parse_args(argv)
     explicit, ckpt = engine.explicit_flags(p, argv), None
     if args.resume:  # defaults, then the checkpoint's args, then the explicit run-length flags
@@ -86,6 +88,7 @@ def parse_args(argv=None):
         (0 <= args.ema_decay < 1, "--ema_decay must be in [0, 1)"),
         (0 <= args.class_dropout < 1, "--class_dropout must be in [0, 1)"),
         (args.stats_images > 0 and args.grid_steps > 0, "--stats_images and --grid_steps must be positive"),
+        (args.nonfinite_patience > 0, "--nonfinite_patience must be positive"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -240,6 +243,7 @@ def main(argv=None):
 
     model.train()
     sums, n_sum, t0 = {}, 0, time.time()
+    streak, nonfinite = 0, 0  # consecutive non-finite steps; skipped updates since the last log
     bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     while step < args.max_steps:
         lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
@@ -247,10 +251,13 @@ def main(argv=None):
             g["lr"] = lr
         log_now = args.log_every > 0 and ((step + 1) % args.log_every == 0 or step + 1 == args.max_steps)
         terms = engine.accumulate(fwd, micro_batches(), accum, lambda f, b: transport.loss(f, *b), ctx, ddp)
-        gnorm = engine.clip_gradients(model.parameters(), args.grad_clip, measure=log_now)
-        opt.step()
+        gnorm = engine.clip_gradients(model.parameters(), args.grad_clip, measure=True)
+        streak = engine.nonfinite_streak(gnorm, streak, args.nonfinite_patience, log, step)
+        if streak == 0:  # a non-finite step leaves the optimizer and the EMA untouched
+            opt.step()
+            engine.ema_update(ema, model, args.ema_decay)
         opt.zero_grad(set_to_none=True)
-        engine.ema_update(ema, model, args.ema_decay)
+        nonfinite += streak > 0
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v
         n_sum += 1
@@ -260,10 +267,10 @@ def main(argv=None):
         if log_now:
             means, _ = engine.reduce_means(sums, n_sum, ddp, world)
             rec = {"step": step, **means, "lr": lr, "grad_norm": gnorm.item(),
-                   "img_per_s": n_sum * args.global_batch_size / (time.time() - t0)}
+                   "img_per_s": n_sum * args.global_batch_size / (time.time() - t0), "nonfinite_steps": nonfinite}
             run.metrics(rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
-            sums, n_sum, t0 = {}, 0, time.time()
+            sums, n_sum, t0, nonfinite = {}, 0, time.time(), 0
         if rank == 0 and tok is not None and args.grid_every > 0 and (step % args.grid_every == 0
                                                                       or step == args.max_steps):
             sample_grid(ema, tok, (mean, std), num_classes, args.grid_steps, args.grid_cfg,

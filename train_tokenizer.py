@@ -43,7 +43,7 @@ from tokenizer import (PRESETS, RECIPES, STAGES, build, config_from_dict, make_c
 RESUME_FLAGS = ("max_steps", "decay_steps", "log_every", "eval_every", "ckpt_every", "grid_every", "num_workers",
                 "compile", "keep_checkpoints", "eval_images", "resume", "vgg_ckpt", "dinov2_ckpt", "siglip_ckpt",
                 "dino_ckpt", "disc_proxy_ckpt", "teacher_proxy_ckpt", "encoder_ckpt", "decoder_ckpt",
-                "micro_batch_size")
+                "micro_batch_size", "nonfinite_patience")
 ALL_STAGES = sorted({s for stages in STAGES.values() for s in stages})
 AUX_TARGETS = ("hog", "dinov2", "siglip")
 
@@ -141,6 +141,8 @@ def parse_args(argv=None):
     p.add_argument("--ckpt_every", type=int, default=10_000, help="steps between checkpoints (-1: only last)")
     p.add_argument("--grid_every", type=int, default=5000, help="steps between picture grids (-1 off)")
     p.add_argument("--keep_checkpoints", type=int, default=3, help="newest checkpoints kept (0 = all)")
+    p.add_argument("--nonfinite_patience", type=int, default=20,
+                   help="consecutive steps with a non-finite loss or gradient (each skipped) before the run stops")
     args = p.parse_args(argv)
     return p, args, engine.explicit_flags(p, argv)
 
@@ -149,6 +151,7 @@ def validate(p, args):
     checks = [
         (0 <= args.mask_ratio_min <= args.mask_ratio < 1, "need 0 <= --mask_ratio_min <= --mask_ratio < 1"),
         (args.global_batch_size > 0, "--global_batch_size must be positive"),
+        (args.nonfinite_patience > 0, "--nonfinite_patience must be positive"),
         (args.micro_batch_size is None or args.micro_batch_size > 0, "--micro_batch_size must be positive"),
         (args.lr > 0 and 0 <= args.min_lr_ratio <= 1, "need --lr > 0 and 0 <= --min_lr_ratio <= 1"),
         (args.max_steps > 0 and args.warmup_steps >= 0, "need --max_steps > 0 and --warmup_steps >= 0"),
@@ -541,6 +544,7 @@ def main(argv=None):
     grid_x = torch.stack([val_ds[i][0] for i in grid_idx]).to(device)
     model.train()
     sums, counts, n_sum, t0 = {}, {}, 0, time.time()
+    streak, nonfinite = 0, 0  # consecutive non-finite steps; skipped updates since the last log
     bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     while step < args.max_steps:
         lr = engine.cosine_lr(step, args.lr, args.warmup_steps, args.decay_steps, args.min_lr_ratio)
@@ -553,20 +557,27 @@ def main(argv=None):
             mask_ratio = 0.0
         log_now = args.log_every > 0 and ((step + 1) % args.log_every == 0 or step + 1 == args.max_steps)
         terms = engine.accumulate(fwd, micro_batches(step, mask_ratio), accum, loss_fn, ctx, ddp)
-        gnorm = engine.clip_gradients(model.parameters(), args.grad_clip, measure=log_now)
-        opt.step()
+        gnorm = engine.clip_gradients(model.parameters(), args.grad_clip, measure=True)
+        streak = engine.nonfinite_streak(gnorm, streak, args.nonfinite_patience, log, step)
+        if streak == 0:
+            opt.step()
+            engine.ema_update(ema, model, args.ema_decay)
         opt.zero_grad(set_to_none=True)
-        engine.ema_update(ema, model, args.ema_decay)
+        nonfinite += streak > 0
         dnorm = None
-        if pairs:  # the D step on the same images and the reconstructions of the pre-update generator
+        if pairs and streak == 0:  # the D step on the same images and the pre-update generator's reconstructions
             d_terms = engine.accumulate(disc_fwd, pairs, accum, lambda d, xr: gan.discriminator_loss(d, *xr, ddp),
                                         ctx, ddp)
             terms["d_loss"] = d_terms.pop("loss")
             terms.update(d_terms)
-            dnorm = engine.clip_gradients(gan.disc.parameters(), args.grad_clip, measure=log_now)
-            opt_d.step()
+            dnorm = engine.clip_gradients(gan.disc.parameters(), args.grad_clip, measure=True)
+            if bool(torch.isfinite(dnorm)):
+                opt_d.step()
+            else:
+                log(f"step {step + 1}: non-finite discriminator gradient norm: its update skipped")
+                nonfinite += 1
             opt_d.zero_grad(set_to_none=True)
-            pairs.clear()
+        pairs.clear()
         for k, v in terms.items():
             if v is not None:
                 sums[k], counts[k] = sums.get(k, 0.0) + v, counts.get(k, 0) + 1
@@ -577,7 +588,8 @@ def main(argv=None):
         if log_now:
             means, (n_bad,) = engine.reduce_means(sums, counts, ddp, world, extra=(skipped[0],))
             rec = {"step": step, **means, "lr": lr, "grad_norm": gnorm.item(),
-                   "img_per_s": n_sum * args.global_batch_size / (time.time() - t0), "skipped_images": int(n_bad)}
+                   "img_per_s": n_sum * args.global_batch_size / (time.time() - t0), "skipped_images": int(n_bad),
+                   "nonfinite_steps": nonfinite}
             if mask_ratio is not None:
                 rec["mask_ratio"] = mask_ratio
             if dnorm is not None:
@@ -586,7 +598,7 @@ def main(argv=None):
             bar.set_postfix(loss=f"{rec['loss']:.4f}", pix=f"{rec['pixel']:.4f}")
             if n_bad:
                 log(f"step {step}: {int(n_bad)} unreadable images skipped since the last log")
-            sums, counts, n_sum, skipped[0], t0 = {}, {}, 0, 0, time.time()
+            sums, counts, n_sum, skipped[0], t0, nonfinite = {}, {}, 0, 0, time.time(), 0
         if args.eval_every > 0 and (step % args.eval_every == 0 or step == args.max_steps):
             psnr = eval_psnr(ema, val_ds, eval_idx, rank, world, device, ctx)
             log(f"step {step}: held-out PSNR (EMA, {len(eval_idx)} images) {psnr:.2f} dB")

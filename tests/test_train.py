@@ -199,6 +199,41 @@ def test_resume_on_another_number_of_ranks_keeps_the_global_batch_and_distinct_s
         assert [m["step"] for m in metrics(folder)] == [1, 2, 3]
 
 
+def test_a_nonfinite_step_is_skipped_and_a_streak_stops_the_run_with_the_last_checkpoint_intact(tmp_path,
+                                                                                                monkeypatch):
+    real, calls, bad = train_tokenizer.generator_loss, [], {2}
+
+    def poisoned(*a, **k):  # a NaN loss on the chosen micro-batches (one per step here)
+        out = real(*a, **k)
+        calls.append(1)
+        if len(calls) in bad:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(train_tokenizer, "generator_loss", poisoned)
+    run = train_tokenizer.main(BASE + ["--max_steps", "3", "--results_dir", str(tmp_path / "a"), "--ckpt_every", "1",
+                                       "--keep_checkpoints", "0"])
+    c1, c2, c3 = (torch.load(os.path.join(run, "checkpoints", f"000000{i}.pt"), weights_only=True) for i in (1, 2, 3))
+    for part in ("model", "ema"):  # step 2 skipped: weights, EMA and optimizer moments are step 1's
+        assert all(torch.equal(c1[part][k], c2[part][k]) for k in c1[part])
+        assert all(torch.isfinite(v).all() for v in c3[part].values() if v.is_floating_point())
+        assert not all(torch.equal(c2[part][k], c3[part][k]) for k in c2[part])  # step 3 trains again
+    s1, s2 = c1["optimizer"]["state"], c2["optimizer"]["state"]
+    assert all(torch.equal(s1[i]["exp_avg"], s2[i]["exp_avg"]) and s1[i]["step"] == s2[i]["step"] for i in s1)
+    assert [m["nonfinite_steps"] for m in metrics(run)] == [0, 1, 0]
+    assert "step 2: non-finite gradient norm" in open(os.path.join(run, "log.txt")).read()
+    calls.clear()
+    bad = set(range(2, 100))
+    with pytest.raises(SystemExit, match="2 consecutive steps with a non-finite"):
+        train_tokenizer.main(BASE + ["--max_steps", "6", "--results_dir", str(tmp_path / "b"), "--ckpt_every", "1",
+                                     "--nonfinite_patience", "2"])
+    ckpts = sorted((tmp_path / "b").glob("*/checkpoints/*.pt"))
+    assert [c.name for c in ckpts] == ["0000001.pt", "0000002.pt"]      # written before the streak ended the run
+    c = torch.load(ckpts[-1], weights_only=True)
+    assert torch.equal(c["model"]["decoder.head.weight"],
+                       torch.load(ckpts[0], weights_only=True)["model"]["decoder.head.weight"])
+
+
 def test_perceptual_term_with_local_vgg(tmp_path):
     from pretrained import VGG16Features
     torch.save(VGG16Features().state_dict(), tmp_path / "vgg16.pth")  # official key layout, features.*
