@@ -70,8 +70,9 @@ def fg_tokens(src, idx, tok, layout):
     return torch.stack([patch[:, owner == j].any(1) for j in range(int(owner.max()) + 1)], 1)
 
 
-def diffusability_metrics(z_tr, y_tr, z_va, y_va, layout, fg, args):
-    """Every latent-only metric on normalised latents (train statistics)."""
+def diffusability_metrics(z_tr, y_tr, z_va, y_va, layout, fg, args, device=None):
+    """Every latent-only metric on normalised latents (train statistics); the all-pairs ones (LNC) in row blocks
+    on `device`."""
     mean, std = z_tr.mean((0, 1)), z_tr.std((0, 1)).clamp_min(1e-8)
     u_tr, u_va = (z_tr - mean) / std, (z_va - mean) / std
     res = {}
@@ -82,7 +83,7 @@ def diffusability_metrics(z_tr, y_tr, z_va, y_va, layout, fg, args):
     res["iv_curve"] = {"t": ts, "iv_per_dim": lm.iv_curve(v["eigs"], ts)}
     U = torch.stack([lm.flip_flop(u_va[y_va == c])[0] for c in torch.unique(y_va)]).mean(0)
     res.update(lm.sec_1d(torch.linalg.eigvalsh(U)))
-    res["lnc"] = lm.lnc(u_va.flatten(1), y_va, args.lnc_k)                   # 1D tokens: the flattened latent
+    res["lnc"] = lm.lnc(u_va.flatten(1), y_va, args.lnc_k, device)           # 1D tokens: the flattened latent
     res["linear_probe_accuracy"] = lm.linear_probe(u_tr, y_tr, u_va, y_va)
     dim = lm.pca_dim(u_tr.flatten(1), 0.9)
     x_tr, x_va = lm.pca_standardize(u_tr.flatten(1), dim, u_va.flatten(1))
@@ -94,7 +95,7 @@ def diffusability_metrics(z_tr, y_tr, z_va, y_va, layout, fg, args):
         res.update({tag + k: val for k, val in lm.spatial_metrics(u_va, pos, fg, far, dmax, 1, far).items()})
         if fg is not None:
             f, keep = lm.fg_pool(u_va, fg)
-            res["lnc_fg"] = lm.lnc(f, y_va[keep], args.lnc_k)
+            res["lnc_fg"] = lm.lnc(f, y_va[keep], args.lnc_k, device)
         res.update({tag + k: val for k, val in lm.sec(u_va, grid).items()})
     res["rmsc"] = lm.rmsc(u_va)                                              # needs no grid
     n = min(args.tsne_points, len(u_va))

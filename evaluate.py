@@ -184,6 +184,11 @@ class Features:
 
     @torch.no_grad()
     def __call__(self, u8):
+        """Features in fp32 wherever they are called from: a caller's bf16 autocast would move FID."""
+        with torch.autocast(torch.device(self.device).type, enabled=False):
+            return self.features(u8)
+
+    def features(self, u8):
         x = torch.from_numpy(np.array(u8)).to(self.device).permute(0, 3, 1, 2).float() / 255
         if self.kind == "inception":
             out = self.net(x)
@@ -478,31 +483,35 @@ def cmd_diffusability(args):
            "num_train": len(i_tr), "num_val": len(i_va), "normalisation": "per channel, train statistics",
            "footprints": None if layout is None or not layout[3] else list(layout[0]),
            "grid": None if tok.grid is None else list(tok.grid)}
-    for name, sample in variants.items():
-        z_tr = dif.encode_split(tok, train, i_tr, device, ctx, rank, world, sample)
-        z_va = dif.encode_split(tok, val, i_va, device, ctx, rank, world, sample)
-        if rank != 0:
-            continue
-        m = dif.diffusability_metrics(z_tr, y_tr, z_va, y_va, layout, fg, args)
-        if name == "mean":
-            res.update(m)
-        else:
-            res["posterior_sample"] = m
-        if name == "mean":
-            (f_real, f_int, f_rec), eq = dif.diffusability_decoded(tok, z_tr, z_va, val, i_va, feats, device, ctx, args)
-            mu_r, s_r = gaussian_stats(f_real)
-            tag = "proxy_" if feats.kind == "proxy" else ""
-            res.update({f"{tag}ifid": frechet_distance(*gaussian_stats(f_int), mu_r, s_r),
-                        f"{tag}rfid": frechet_distance(*gaussian_stats(f_rec), mu_r, s_r), **eq})
-    if rank == 0 and args.denoiser_ckpt:
+    # every variant is encoded on all ranks first (the only collective part); then rank 0 measures alone, with
+    # every CPU thread (torchrun starts each rank with one), while the other ranks are already done
+    latents = {name: (dif.encode_split(tok, train, i_tr, device, ctx, rank, world, sample),
+                      dif.encode_split(tok, val, i_va, device, ctx, rank, world, sample))
+               for name, sample in variants.items()}
+    if rank != 0:
+        return None
+    if world > 1:
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    for name, (z_tr, z_va) in latents.items():
+        m = dif.diffusability_metrics(z_tr, y_tr, z_va, y_va, layout, fg, args, device)
+        res.update(m) if name == "mean" else res.update(posterior_sample=m)
+    z_tr, z_va = latents["mean" if "mean" in latents else "sample"]
+    if args.num_ifid > 0:
+        (f_real, f_int, f_rec), eq = dif.diffusability_decoded(tok, z_tr, z_va, val, i_va, feats, device, ctx, args)
+        mu_r, s_r = gaussian_stats(f_real)
+        tag = "proxy_" if feats.kind == "proxy" else ""
+        res.update({f"{tag}ifid": frechet_distance(*gaussian_stats(f_int), mu_r, s_r),
+                    f"{tag}rfid": frechet_distance(*gaussian_stats(f_rec), mu_r, s_r), **eq})
+    else:
+        print("--num_ifid 0: iFID, rFID and the equivariance metrics (they decode images) are skipped")
+    if args.denoiser_ckpt:
         res.update(dif.trajectory_report(args, device, ctx))
     out = args.out or os.path.join(run_folder(args.tokenizer_ckpt), "diffusability.json")
-    if rank == 0:
-        flat = {k: v for k, v in res.items() if not isinstance(v, (dict, list)) or k == "latent_shape"}
-        report(flat, "latent diffusability (latent-metrics.md)", out, rank)
-        with open(out, "w") as f:
-            json.dump(res, f, indent=1)
-        dif.plot_diffusability(res, [json.load(open(c)) for c in args.compare.split(",") if c], out[:-5] + ".png")
+    flat = {k: v for k, v in res.items() if not isinstance(v, (dict, list)) or k == "latent_shape"}
+    report(flat, "latent diffusability (latent-metrics.md)", out, rank)
+    with open(out, "w") as f:
+        json.dump(res, f, indent=1)
+    dif.plot_diffusability(res, [json.load(open(c)) for c in args.compare.split(",") if c], out[:-5] + ".png")
     return res
 
 
@@ -548,7 +557,8 @@ def main(argv=None):
     dif.add_argument("--denoiser_ckpt", default=None, help="a diffusion run on this tokenizer: trajectory metrics")
     dif.add_argument("--num_train", type=int, default=2000, help="train images (statistics, probe, neighbours)")
     dif.add_argument("--num_val", type=int, default=2000, help="held-out images (every metric)")
-    dif.add_argument("--num_ifid", type=int, default=1000, help="held-out images decoded for iFID / rFID")
+    dif.add_argument("--num_ifid", type=int, default=1000,
+                     help="held-out images decoded for iFID / rFID and the equivariance metrics (0: skip them)")
     dif.add_argument("--num_trajectories", type=int, default=256, help="denoiser samples for trajectory metrics")
     dif.add_argument("--posterior", default="both", choices=["mean", "sample", "both"],
                      help="KL tokenizers: metrics on the posterior mean, a sample, or both")

@@ -122,15 +122,20 @@ def viv_marginal(z, y, iters=50, nodes=32, samples=512, seed=0):
 # ----------------------------------------------------------------------------------------------------------
 # semantic separability (section 2)
 
-def lnc(f, y, k=10):
+def lnc(f, y, k=10, device=None, block=2048):
     """Mean fraction of the k cosine-nearest other samples that share the label: 1 for separated classes,
-    about 1 / #classes for none. f (N, d) descriptors."""
-    f = F.normalize(f.double().flatten(1), dim=1)
-    sim = f @ f.T
-    sim.fill_diagonal_(-float("inf"))
-    nn_idx = sim.topk(k, dim=1).indices                                      # (N, k)
-    y = torch.as_tensor(y)
-    return (y[nn_idx] == y[:, None]).double().mean().item()
+    about 1 / #classes for none. f (N, d) descriptors. Rows in blocks (block x N similarities at a time: 0.8 GB
+    at N = 50K, where the dense N x N float64 matrix is 20 GB), on `device` if given."""
+    f = F.normalize(f.double().flatten(1), dim=1).to(device or f.device)
+    y = torch.as_tensor(y).to(f.device)
+    hits = torch.zeros((), dtype=torch.float64, device=f.device)
+    for i in range(0, len(f), block):
+        sim = f[i:i + block] @ f.T                                           # (b, N)
+        rows = torch.arange(len(sim), device=f.device)
+        sim[rows, rows + i] = -float("inf")                                  # not its own neighbour
+        nn_idx = sim.topk(k, dim=1).indices                                  # (b, k)
+        hits += (y[nn_idx] == y[i:i + block, None]).double().sum()
+    return (hits / (len(f) * k)).item()
 
 
 def fg_pool(u, fg):

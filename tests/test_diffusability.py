@@ -74,3 +74,84 @@ def test_diffusability_of_a_grid_tokenizer_has_the_spatial_metrics(tmp_path):
     assert res["grid"] == [8, 8] and res["footprints"] is None and "posterior_sample" not in res
     for k in ("lds", "cds", "srss", "rmsc", "sec_0.5", "lnc_fg", "eq_err_rot90", "eq_err_scale", "eq_cos_rot90"):
         assert isinstance(res[k], float) and math.isfinite(res[k]), k
+
+
+def test_lnc_in_row_blocks_equals_the_dense_form():
+    import latent_metrics as lm
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(300) % 7
+    f = torch.randn(300, 24, generator=g, dtype=torch.float64) + 0.8 * torch.randn(7, 24, generator=g,
+                                                                                  dtype=torch.float64)[y]
+    u = torch.nn.functional.normalize(f, dim=1)
+    sim = (u @ u.T).fill_diagonal_(-float("inf"))                           # the dense N x N definition
+    dense = (y[sim.topk(10, dim=1).indices] == y[:, None]).double().mean().item()
+    assert abs(lm.lnc(f, y, 10) - dense) < 1e-12 and abs(lm.lnc(f, y, 10, block=7) - dense) < 1e-12
+    assert 0.3 < dense < 1
+
+
+def test_features_stay_fp32_under_a_callers_bf16_autocast():
+    net = ProxyNet(ProxyConfig(width=8))
+    feats = evaluate.Features("proxy", torch.device("cpu"), net=net)
+    u8 = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8).numpy()
+    ref = feats(u8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = feats(u8)
+    assert all((got[k] == ref[k]).all() for k in ref)
+
+
+def _tiny_mactok(path):
+    torch.manual_seed(0)
+    tok = build(make_config("MacTok-tiny", enc_depth=1, dec_depth=1))
+    with torch.no_grad():
+        for p in tok.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_checkpoint({"model": tok.state_dict(), "ema": tok.state_dict(), "step": 0, "config": asdict(tok.cfg),
+                     "args": {}}, str(path / "tok.pt"))
+    proxy = ProxyNet(ProxyConfig(width=8))
+    torch.save({"model": proxy.state_dict(), "proxy_config": asdict(proxy.cfg)}, path / "proxy.pt")
+    return ["--tokenizer_ckpt", str(path / "tok.pt"), "--proxy_ckpt", str(path / "proxy.pt"), "--num_train", "100",
+            "--num_val", "100", "--tsne_points", "50", "--tsne_reps", "1", "--viv_samples", "8"]
+
+
+def test_num_ifid_zero_skips_the_decoded_metrics(tmp_path):
+    res = evaluate.main(["diffusability", *_tiny_mactok(tmp_path), "--num_ifid", "0", "--posterior", "mean",
+                         "--out", str(tmp_path / "d.json")])
+    assert isinstance(res["lnc"], float) and "proxy_ifid" not in res and "eq_linear_r2_rot90" not in res
+
+
+@pytest.mark.slow
+def test_two_ranks_finish_while_rank_zero_measures_slowly_and_equal_one_rank(tmp_path):
+    """All variants are encoded on every rank before rank 0 measures: with a 3 s process-group timeout and rank 0's
+    first measurement taking 6 s, no rank waits in a collective (the old order timed out in the second
+    variant's gather). The posterior-mean metrics equal one process's."""
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT
+    common = _tiny_mactok(tmp_path) + ["--num_ifid", "20"]
+    one = evaluate.main(["diffusability", *common, "--out", str(tmp_path / "one.json")])
+    wrapper = tmp_path / "slow_evaluate.py"
+    wrapper.write_text(f"""import datetime, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+import torch.distributed as dist
+init = dist.init_process_group
+dist.init_process_group = lambda *a, **k: init(*a, **{{**k, "timeout": datetime.timedelta(seconds=3)}})
+import diffusability
+real, calls = diffusability.diffusability_metrics, []
+def slow(*a, **k):
+    calls.append(1)
+    if len(calls) == 1:
+        time.sleep(6)
+    return real(*a, **k)
+diffusability.diffusability_metrics = slow
+import evaluate
+evaluate.main(sys.argv[1:])
+""")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
+                        str(wrapper), "diffusability", *common, "--out", str(tmp_path / "two.json")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = json.load(open(tmp_path / "two.json"))
+    assert "posterior_sample" in two
+    for k in ("viv_norm", "lnc", "rmsc", "sec1d_0.5", "proxy_rfid"):
+        assert abs(two[k] - one[k]) < 1e-5 * max(1, abs(one[k])), (k, one[k], two[k])
