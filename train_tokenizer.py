@@ -537,7 +537,9 @@ def main(argv=None):
             x, _, n_bad = next(stream)
             skipped[0] += int(n_bad.sum())
             x = x.to(device, non_blocking=True)
-            teacher = model.teach(x)  # once per micro-batch, on the unmasked image (MacTok); None for MAETok
+            with ctx:  # once per micro-batch, on the unmasked image (MacTok; None for MAETok), in the step's
+                teacher = model.teach(x)  # precision: DINOv2-L in fp32 would cost as much as the tokenizer
+            teacher = teacher and {k: v.float() for k, v in teacher.items()}  # fp32 for the masks and losses
             yield x, model.sample_mask(len(x), device, mask_ratio, teacher), teacher, pw, adversarial
 
     grid_idx = [eval_idx[j] for j in data.balanced_subset([val_src.labels[i] for i in eval_idx], 8, args.seed)]

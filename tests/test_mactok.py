@@ -246,6 +246,25 @@ def test_mactok_trains_resumes_exactly_and_fine_tunes(tmp_path, proxy_teacher):
     assert s2["config"]["kl_weight"] == 0 and s2["config"]["mask_tokens"] == "none"
 
 
+def test_the_teacher_runs_in_the_steps_precision_and_hands_over_fp32(tmp_path, proxy_teacher, monkeypatch):
+    import mactok
+    import train_tokenizer
+    seen, real = [], mactok.ProxyTeacher.forward
+
+    def spy(self, x):
+        out = real(self, x)
+        seen.append((torch.is_autocast_enabled("cpu"), {v.dtype for v in out.values()}))
+        return out
+
+    monkeypatch.setattr(mactok.ProxyTeacher, "forward", spy)
+    captured, loss = [], train_tokenizer.generator_loss
+    monkeypatch.setattr(train_tokenizer, "generator_loss", lambda *a, **k: captured.append(a[4]) or loss(*a, **k))
+    train_tokenizer.main(BASE + proxy_teacher + ["--max_steps", "1", "--precision", "bf16",
+                                                  "--results_dir", str(tmp_path)])
+    assert seen and all(on for on, _ in seen)                          # under the step's bf16 autocast
+    assert all(v.dtype == torch.float32 for t in captured for v in t.values())
+
+
 def test_offline_teacher_and_encoder_init_are_clear_errors(tmp_path, offline):
     import train_tokenizer
     with pytest.raises(SystemExit, match=r"dinov2_vitl14_pretrain\.pth.*--dinov2_ckpt.*--teacher none"):
