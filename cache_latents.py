@@ -17,7 +17,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from engine import autocast_context, find_checkpoint, load_checkpoint, setup_distributed
+from engine import (PRECISION_HELP, PRECISIONS, autocast_context, find_checkpoint, load_checkpoint,
+                    setup_distributed)
 from tokenizer import comparable_config, from_checkpoint
 
 
@@ -29,11 +30,13 @@ def parse_args(argv=None):
     p.add_argument("--builtin_size", type=int, default=50_000, help="number of built-in training images")
     p.add_argument("--cache_path", required=True, help="output folder (shards + meta.json)")
     p.add_argument("--batch_size", type=int, default=64, help="images per forward on one rank")
-    p.add_argument("--cache_dtype", default="float16", choices=["float16", "float32"], help="stored latent dtype")
+    p.add_argument("--cache_dtype", default="float32", choices=["float16", "float32"],
+                   help="stored latent dtype (float16 halves the disk; the statistics are always float64)")
     p.add_argument("--shard_size", type=int, default=10_000, help="images per shard file")
     p.add_argument("--num_workers", type=int, default=4, help="data loader workers per rank")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto = bf16 autocast on GPU, fp32 on CPU")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="the encoder's precision; fp32 by default: the latents are the denoiser's data, and bf16 "
+                        "autocast would round them to 8 bits of mantissa (a one-off pass). " + PRECISION_HELP)
     args = p.parse_args(argv)
     if args.batch_size <= 0 or args.shard_size <= 0 or args.builtin_size <= 0:
         p.error("--batch_size, --shard_size and --builtin_size must be positive")

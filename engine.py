@@ -25,7 +25,7 @@ import released
 
 
 def setup_distributed():
-    """torchrun sets RANK: DDP with NCCL on GPU, gloo on CPU; otherwise one process. TF32 on."""
+    """torchrun sets RANK: DDP with NCCL on GPU, gloo on CPU; otherwise one process. TF32: autocast_context."""
     ddp = "RANK" in os.environ
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -35,14 +35,29 @@ def setup_distributed():
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return ddp, rank, world, local, device
 
 
+PRECISIONS = ("auto", "bf16", "tf32", "fp32")
+PRECISION_HELP = ("auto = bf16 autocast on GPU, fp32 on CPU; bf16 (with TF32 for the fp32 ops); tf32 = fp32 weights "
+                  "and activations, TF32 matmuls and convs; fp32 = full fp32 (TF32 off)")
+
+
 def autocast_context(flag, device):
-    """--precision auto: bf16 autocast on GPU, fp32 on CPU."""
+    """--precision: the autocast context, and TF32 (GPU matmuls and convs) on for bf16 / tf32, off for fp32."""
     precision = ("bf16" if device.type == "cuda" else "fp32") if flag == "auto" else flag
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision in ("bf16", "tf32")
     return precision, (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext())
+
+
+def wrap_model(model, compile, ddp, device, local):
+    """The module the loop calls: DDP first, then torch.compile of the DDP module (the PyTorch DDP + compile
+    recipe: compiled inside DDP, the all-reduce waits for the whole compiled backward instead of overlapping it;
+    compiled around it, DDPOptimizer splits the graph at the bucket boundaries)."""
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[local] if device.type == "cuda" else None)
+    return torch.compile(model) if compile else model
 
 
 def micro_batching(global_batch, micro, world):

@@ -30,7 +30,7 @@ from scipy.special import xlogy
 from tqdm import tqdm
 
 import data
-from engine import gather_to_rank0
+from engine import PRECISION_HELP, PRECISIONS, gather_to_rank0
 from latent_metrics import gmm_nll, linear_probe, pca_dim, pca_standardize
 
 # ----------------------------------------------------------------------------------------------------------
@@ -539,7 +539,7 @@ def main(argv=None):
     r.add_argument("--lpips", type=int, default=1, choices=[0, 1], help="compute LPIPS (needs VGG16 weights)")
     r.add_argument("--vgg_ckpt", default=None, help="local VGG16 weights for LPIPS")
     r.add_argument("--raw", action="store_true", help="raw instead of EMA weights")
-    r.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU")
+    r.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     feature_flags(r, "inception")
     lat = sub.add_parser("latent", help="linear probe and GMM analysis of a tokenizer's latents")
     lat.add_argument("--ckpt", default=None, help="tokenizer run folder, checkpoint or official MAETok release")
@@ -567,7 +567,7 @@ def main(argv=None):
     dif.add_argument("--tsne_points", type=int, default=2000, help="uniformity: t-SNE points")
     dif.add_argument("--tsne_reps", type=int, default=3, help="uniformity: repetitions (VA-VAE: 10)")
     dif.add_argument("--compare", default="", help="comma list of other diffusability JSONs for the plot")
-    dif.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU")
+    dif.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     feature_flags(dif, "proxy")
     args = p.parse_args(argv)
     if args.cmd == "latent" and not (args.ckpt or args.cache_path):

@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 import data
 from diffusion import DiT, DiTConfig, Transport, guided_velocity
-from engine import autocast_context, find_checkpoint, load_checkpoint, setup_distributed
+from engine import (PRECISION_HELP, PRECISIONS, autocast_context, find_checkpoint, load_checkpoint,
+                    setup_distributed)
 from tokenizer import from_checkpoint
 
 
@@ -53,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None,
                    help="output .png (grid) or .npz (default: in the run folder; for a release, here)")
     p.add_argument("--raw", action="store_true", help="use the raw (non-EMA) weights")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     p.add_argument("--compile", action="store_true", help="torch.compile the denoiser (one graph per batch shape)")
     args = p.parse_args(argv)
     try:

@@ -201,7 +201,7 @@ def member(args, mid, paths, k, n):
     if not os.path.exists(os.path.join(cache, "meta.json")):
         stage("latent cache")
         run(args, "cache_latents.py", "--tokenizer_ckpt", tok, "--cache_path", cache, "--data_path", args.data_path,
-            "--builtin_size", str(args.cache_images), *common, log=log)
+            "--builtin_size", str(args.cache_images), "--cache_dtype", "float16", *common, log=log)
     if newest(os.path.join(d, "dit")) is None or not glob.glob(os.path.join(newest(os.path.join(d, "dit")), "checkpoints", "*.pt")):
         stage("denoiser")
         model = args.dit_model_2d if json.load(open(os.path.join(cache, "meta.json"))).get("grid") else args.dit_model

@@ -19,7 +19,6 @@ import time
 from dataclasses import asdict
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
@@ -56,8 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--cosine_loss", default=None, type=int, choices=[0, 1], help="LightningDiT cosine term")
     p.add_argument("--max_steps", type=int, default=400_000, help="optimizer steps")
     p.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay per step")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto = bf16 autocast on GPU, fp32 on CPU")
+    p.add_argument("--precision", default="auto", choices=engine.PRECISIONS, help=engine.PRECISION_HELP)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--results_dir", default="results", help="parent of the numbered run folders")
     p.add_argument("--resume", default=None, help="run folder or checkpoint to resume exactly")
@@ -200,8 +198,7 @@ def main(argv=None):
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
     transport = Transport(args.time_dist, cosine_loss=args.cosine_loss)
-    fwd = torch.compile(model) if args.compile else model
-    fwd = DDP(fwd, device_ids=[local] if device.type == "cuda" else None) if ddp else fwd
+    fwd = engine.wrap_model(model, args.compile, ddp, device, local)
 
     # ---- run folder, logging
     run = engine.Run(args.results_dir, args.model, args.resume if ckpt is not None else None, ddp, rank, world)

@@ -25,7 +25,6 @@ import time
 from dataclasses import asdict
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
@@ -123,8 +122,7 @@ def parse_args(argv=None):
     p.add_argument("--disc_weight", type=float, default=0.4, help="adversarial weight for G and D (official)")
     p.add_argument("--lecam_weight", type=float, default=1e-3, help="LeCAM regulariser weight in the D loss")
     p.add_argument("--cr_weight", type=float, default=4.0, help="consistency regularisation weight (not x 0.4)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto = bf16 autocast on GPU, fp32 on CPU")
+    p.add_argument("--precision", default="auto", choices=engine.PRECISIONS, help=engine.PRECISION_HELP)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--stage", default="main", choices=ALL_STAGES,
                    help="training stage of the family (MAETok / MacTok: main, decoder_finetune; AlignTok: align, "
@@ -283,7 +281,7 @@ def build_gan(args, ckpt, init, device, ddp, local):
         gan.lecam_ema.copy_(torch.tensor([src["lecam"]["real"], src["lecam"]["fake"]]))
         if ckpt is not None:
             opt_d.load_state_dict(ckpt["disc_optimizer"])
-    disc_fwd = DDP(disc, device_ids=[local] if device.type == "cuda" else None) if ddp else disc
+    disc_fwd = engine.wrap_model(disc, False, ddp, device, local)
     return gan, opt_d, disc_fwd
 
 
@@ -465,8 +463,7 @@ def main(argv=None):
         except (RuntimeError, FileNotFoundError, KeyError) as e:
             sys.exit(f"error: SigLIP target: {e} (or train without it: --aux_targets hog,dinov2)")
         model.set_feature_target("siglip", teacher)
-    fwd = torch.compile(model) if args.compile else model
-    fwd = DDP(fwd, device_ids=[local] if device.type == "cuda" else None) if ddp else fwd
+    fwd = engine.wrap_model(model, args.compile, ddp, device, local)
     gan, opt_d, disc_fwd = build_gan(args, ckpt, init, device, ddp, local)
 
     # ---- run folder, logging

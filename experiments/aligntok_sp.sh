@@ -37,7 +37,7 @@ np.savez('$OUT/ref_val.npz', arr_0=np.stack([np.asarray(src.load(i)) for i in ra
 for name in stage3-sp1 scratch; do  # the chain: cache -> tiny LightningDiT -> samples -> proxy gFID
     [ -f "$OUT/$name-gen.json" ] && continue
     python cache_latents.py --tokenizer_ckpt "$(first $name)" --cache_path "$OUT/$name-cache" --builtin_size 5000 \
-        --num_workers 1 > /dev/null 2>&1
+        --num_workers 1 --cache_dtype float16 > /dev/null 2>&1
     python train_diffusion.py --model LightningDiT-tiny --cache_path "$OUT/$name-cache" --results_dir "$OUT/$name-dit" \
         --global_batch_size 64 --lr 1e-3 --max_steps 3600 --ema_decay 0.99 --grid_every -1 --ckpt_every 3600 \
         > /dev/null 2>&1

@@ -234,6 +234,27 @@ def test_a_nonfinite_step_is_skipped_and_a_streak_stops_the_run_with_the_last_ch
                        torch.load(ckpts[0], weights_only=True)["model"]["decoder.head.weight"])
 
 
+def test_compile_wraps_the_ddp_module_and_precision_decides_tf32(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    import engine
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:  # DDP inside, compile outside: the all-reduce can overlap the compiled backward
+        fwd = engine.wrap_model(torch.nn.Linear(2, 2), True, True, torch.device("cpu"), 0)
+        assert isinstance(fwd, torch._dynamo.eval_frame.OptimizedModule) and isinstance(fwd._orig_mod, DDP)
+        with fwd.no_sync():  # what gradient accumulation calls
+            pass
+    finally:
+        dist.destroy_process_group()
+    try:
+        for flag, tf32 in (("fp32", False), ("tf32", True), ("bf16", True), ("fp32", False)):
+            precision, _ = engine.autocast_context(flag, torch.device("cuda"))
+            assert precision == flag and torch.backends.cuda.matmul.allow_tf32 is tf32
+            assert torch.backends.cudnn.allow_tf32 is tf32
+    finally:
+        engine.autocast_context("fp32", torch.device("cpu"))
+
+
 def test_perceptual_term_with_local_vgg(tmp_path):
     from pretrained import VGG16Features
     torch.save(VGG16Features().state_dict(), tmp_path / "vgg16.pth")  # official key layout, features.*
