@@ -46,9 +46,10 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr / 127.5 - 1.0).permute(2, 0, 1).contiguous()
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """The project's one conversion: float (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3)."""
-    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+def to_uint8(x: torch.Tensor, device="cpu") -> torch.Tensor:
+    """The project's one conversion: float (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3), on `device` (the CPU
+    unless a caller keeps it where it was computed)."""
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).to(device)
 
 
 def save_image_grid(columns, path, pad=2):

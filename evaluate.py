@@ -72,31 +72,31 @@ def inception_score(logits, split_size=5000):
     return float(np.mean(scores))
 
 
-def pairwise_sq_dists(a, b):
-    """Squared Euclidean distances (len(a), len(b)) in float32 (ADM computes them on the accelerator)."""
-    a, b = torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32)
+def pairwise_sq_dists(a, b, device=None):
+    """Squared Euclidean distances (len(a), len(b)) in float32 on `device` (ADM computes them on the accelerator)."""
+    a, b = (torch.as_tensor(v, dtype=torch.float32).to(device) for v in (a, b))
     return ((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None]).clamp_min(0)
 
 
-def manifold_radii(feats, k=3, block=10_000):
+def manifold_radii(feats, k=3, block=10_000, device=None):
     """Squared distance of each point to its k-th nearest neighbour in the same set (self excluded)."""
     radii = []
     for i in range(0, len(feats), block):
-        d = torch.cat([pairwise_sq_dists(feats[i:i + block], feats[j:j + block])
+        d = torch.cat([pairwise_sq_dists(feats[i:i + block], feats[j:j + block], device)
                        for j in range(0, len(feats), block)], dim=1)
         radii.append(d.kthvalue(k + 1, dim=1).values)                        # index k: self is the 0th
     return torch.cat(radii)
 
 
-def precision_recall(ref, samples, k=3, block=10_000):
+def precision_recall(ref, samples, k=3, block=10_000, device=None):
     """Kynkaenniemi et al. (ADM): precision = share of samples inside some reference k-NN ball, recall = share
-    of references inside some sample ball; computed in blocks."""
-    r_ref, r_s = manifold_radii(ref, k, block), manifold_radii(samples, k, block)
-    in_ref = torch.zeros(len(samples), dtype=torch.bool)
-    in_s = torch.zeros(len(ref), dtype=torch.bool)
+    of references inside some sample ball; computed in blocks, on `device` (the GPU where there is one)."""
+    r_ref, r_s = manifold_radii(ref, k, block, device), manifold_radii(samples, k, block, device)
+    in_ref = torch.zeros(len(samples), dtype=torch.bool, device=r_ref.device)
+    in_s = torch.zeros(len(ref), dtype=torch.bool, device=r_ref.device)
     for i in range(0, len(ref), block):
         for j in range(0, len(samples), block):
-            d = pairwise_sq_dists(ref[i:i + block], samples[j:j + block])     # (refs, samples)
+            d = pairwise_sq_dists(ref[i:i + block], samples[j:j + block], device)  # (refs, samples)
             in_ref[j:j + block] |= (d <= r_ref[i:i + block, None]).any(dim=0)
             in_s[i:i + block] |= (d <= r_s[None, j:j + block]).any(dim=1)
     return in_ref.double().mean().item(), in_s.double().mean().item()
@@ -110,13 +110,15 @@ def psnr(x, y):
 
 def ssim(x, y, window=11, sigma=1.5):
     """Per-image SSIM (Wang et al. 2004) of uint8-valued images (B, H, W, 3): 11x11 Gaussian window (std 1.5),
-    K1 0.01, K2 0.03, L 255, valid convolution, per channel, averaged."""
+    K1 0.01, K2 0.03, L 255, valid convolution, per channel, averaged. float64 on the images' device (the
+    variances are differences of terms near 255^2: float32 would lose 1e-4 of SSIM); the Gaussian is separable,
+    so two 11-tap passes replace the 121-tap one."""
     x, y = (t.double().permute(0, 3, 1, 2) for t in (x, y))
-    n = torch.arange(window, dtype=torch.float64) - (window - 1) / 2
+    n = torch.arange(window, dtype=torch.float64, device=x.device) - (window - 1) / 2
     g = torch.exp(-n ** 2 / (2 * sigma ** 2))
     g = (g / g.sum())
-    w = torch.outer(g, g).expand(3, 1, window, window)
-    blur = lambda t: F.conv2d(t, w, groups=3)
+    gh, gv = g.view(1, 1, 1, window).expand(3, 1, 1, window), g.view(1, 1, window, 1).expand(3, 1, window, 1)
+    blur = lambda t: F.conv2d(F.conv2d(t, gh, groups=3), gv, groups=3)
     mx, my = blur(x), blur(y)
     sxx, syy, sxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
@@ -189,7 +191,8 @@ class Features:
             return self.features(u8)
 
     def features(self, u8):
-        x = torch.from_numpy(np.array(u8)).to(self.device).permute(0, 3, 1, 2).float() / 255
+        u8 = u8 if torch.is_tensor(u8) else torch.from_numpy(np.array(u8))  # a tensor may already be on the device
+        x = u8.to(self.device).permute(0, 3, 1, 2).float() / 255
         if self.kind == "inception":
             out = self.net(x)
             out = {"pool": out["pool3"], "spatial": out["spatial"], "logits": out["logits_unbiased"]}
@@ -247,8 +250,8 @@ def reference_stats(path, feats, batch_size, rank, world, pr_images=10_000):
     return out
 
 
-def generation_metrics(sample_feats, ref, labels=None, split_size=5000):
-    """The metrics table of one sample set against reference statistics."""
+def generation_metrics(sample_feats, ref, labels=None, split_size=5000, device=None):
+    """The metrics table of one sample set against reference statistics (precision / recall on `device`)."""
     mu, sigma = gaussian_stats(sample_feats["pool"])
     out = {"fid": frechet_distance(mu, sigma, ref["mu"], ref["sigma"])}
     if "spatial" in sample_feats and "mu_s" in ref:
@@ -256,7 +259,7 @@ def generation_metrics(sample_feats, ref, labels=None, split_size=5000):
         out["sfid"] = frechet_distance(mu_s, sigma_s, ref["mu_s"], ref["sigma_s"])
     if "spatial" in sample_feats:  # Inception: IS on the ADM logits
         out["inception_score"] = inception_score(sample_feats["logits"], split_size)
-    out["precision"], out["recall"] = precision_recall(ref["pr_feats"], sample_feats["pool"])
+    out["precision"], out["recall"] = precision_recall(ref["pr_feats"], sample_feats["pool"], device=device)
     if labels is not None and "spatial" not in sample_feats:  # proxy: does the sample show its class?
         out["class_accuracy"] = float((sample_feats["logits"].argmax(1) == labels).mean())
     return out
@@ -308,6 +311,8 @@ def cmd_gen(args):
         sys.exit(f"error: {e}")
     if rank != 0:  # the features went to rank 0
         return None
+    if world > 1:  # the other ranks are done: rank 0's metrics get every CPU thread, not torchrun's one
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
     labels = None
     with np.load(args.samples) as f:
         for key in ("labels", "arr_1"):
@@ -315,7 +320,7 @@ def cmd_gen(args):
                 labels = f[key]
                 break
     res = {"samples": args.samples, "ref": args.ref, "feature_net": feats.id, "num_samples": len(s["pool"]),
-           **generation_metrics(s, ref, labels, args.is_split)}
+           **generation_metrics(s, ref, labels, args.is_split, device)}
     if feats.kind == "proxy":  # never mistaken for an Inception number
         res = {(f"proxy_{k}" if k in ("fid", "precision", "recall") else k): v for k, v in res.items()}
     report(res, f"generation metrics ({feats.id})", args.out or os.path.splitext(args.samples)[0] +
@@ -351,14 +356,14 @@ def cmd_recon(args):
         x = torch.stack([it[0] for it in items]).to(device)
         with ctx:
             rec = tok.decode(tok.encode(x)).float().clamp(-1, 1)
-        u8x, u8r = data.to_uint8(x), data.to_uint8(rec)
-        lp = lpips(rec, x).sum().double().cpu() if lpips else torch.tensor(0.0, dtype=torch.float64)
+        u8x, u8r = data.to_uint8(x, device), data.to_uint8(rec, device)    # the metrics run where the images are
+        lp = lpips(rec, x).sum().double() if lpips else torch.zeros((), dtype=torch.float64, device=device)
         sums += torch.stack([psnr(u8x, u8r).sum(), ssim(u8x, u8r).sum(), lp,
-                             torch.tensor(float(len(x)), dtype=torch.float64), gradient_energy(u8r).sum(),
-                             gradient_energy(u8x).sum()]).to(device)
+                             torch.tensor(float(len(x)), dtype=torch.float64, device=device),
+                             gradient_energy(u8r).sum(), gradient_energy(u8x).sum()])
         if feats is not None:
-            fx.append(feats(u8x.numpy())["pool"])
-            out = feats(u8r.numpy())
+            fx.append(feats(u8x)["pool"])
+            out = feats(u8r)
             fr.append(out["pool"])
             if feats.kind == "proxy":
                 hits.append(out["logits"].argmax(1) == np.array([it[1] for it in items]))

@@ -69,6 +69,28 @@ def test_psnr_and_ssim_known_cases():
     assert (ev.gradient_energy(blur.permute(0, 2, 3, 1)) < ev.gradient_energy(x)).all()
 
 
+def test_separable_ssim_equals_the_2d_window_and_scikit_image():
+    """The separable Gaussian equals the 121-tap 2D window (float64); and scikit-image's SSIM with the Wang et al.
+    settings where it is installed (it is no dependency of the project)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (2, 40, 36, 3), dtype=torch.uint8, generator=g)
+    y = (x.double() + 25 * torch.randn(x.shape, generator=g, dtype=torch.float64)).clamp(0, 255).to(torch.uint8)
+    n = torch.arange(11, dtype=torch.float64) - 5
+    k = torch.exp(-n ** 2 / 4.5)
+    w = torch.outer(k / k.sum(), k / k.sum()).expand(3, 1, 11, 11)
+    a, b = (t.double().permute(0, 3, 1, 2) for t in (x, y))
+    blur = lambda t: torch.nn.functional.conv2d(t, w, groups=3)
+    ma, mb = blur(a), blur(b)
+    saa, sbb, sab = blur(a * a) - ma ** 2, blur(b * b) - mb ** 2, blur(a * b) - ma * mb
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    ref = (((2 * ma * mb + c1) * (2 * sab + c2)) / ((ma ** 2 + mb ** 2 + c1) * (saa + sbb + c2))).flatten(1).mean(1)
+    torch.testing.assert_close(ev.ssim(x, y), ref, atol=1e-12, rtol=0)
+    skimage = pytest.importorskip("skimage.metrics")
+    sk = [skimage.structural_similarity(x[i].numpy(), y[i].numpy(), channel_axis=2, gaussian_weights=True,
+                                        sigma=1.5, use_sample_covariance=False, data_range=255) for i in range(2)]
+    torch.testing.assert_close(ev.ssim(x, y), torch.tensor(sk, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
 def test_linear_probe_separable_and_shuffled():
     g = torch.Generator().manual_seed(0)
     y = torch.arange(600) % 3
