@@ -56,8 +56,21 @@ def wrap_model(model, compile, ddp, device, local):
     compiled around it, DDPOptimizer splits the graph at the bucket boundaries)."""
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
+        for p in model.parameters():  # a gradient that is a view (a cls token's at micro-batch 1: a slice of the
+            if p.requires_grad:       # token gradient) has the strides of that slice; DDP warns and copies it
+                p.register_hook(lambda g, s=p.stride(): g if g.stride() == s else
+                                g.clone(memory_format=torch.contiguous_format))
         model = DDP(model, device_ids=[local] if device.type == "cuda" else None)
     return torch.compile(model) if compile else model
+
+
+def keep_eager(model, weights):
+    """The layers owning `weights` run outside torch.compile's graphs. An adaptive weight differentiates a loss
+    w.r.t. one layer's weight: inside a compiled graph that costs the graph's whole backward (the graph is one
+    autograd node), outside it only the layer's and the loss's."""
+    for module in model.modules():
+        if any(getattr(module, "weight", None) is w for w in weights):
+            module.forward = torch.compiler.disable(module.forward)
 
 
 def micro_batching(global_batch, micro, world):

@@ -60,7 +60,8 @@ def parse_args(argv=None):
                    help="comma list of aux decoder targets from hog,dinov2,siglip ('' for none; the paper: all "
                         "three; the tiny preset: hog, as no teacher weights exist offline)")
     p.add_argument("--dinov2_arch", default="vitl14", choices=sorted(DINOV2_ARCHS),
-                   help="DINOv2 teacher for the dinov2 target (official MAETok: ViT-L/14)")
+                   help="DINOv2 of MAETok's dinov2 target and MacTok's teacher, and AlignTok's encoder (official: "
+                        "ViT-L/14)")
     p.add_argument("--dinov2_mode", default="patch", choices=["patch", "resize"],
                    help="patch: kernel resampled to the tokenizer patch (official MAETok); resize: image to grid*14")
     p.add_argument("--dinov2_ckpt", default=None, help="local official DINOv2 .pth (default: official URL)")
@@ -196,7 +197,10 @@ def mactok_overrides(args):
 
 
 def aligntok_overrides(args):
-    return {"image_size": args.image_size} if args.image_size else {}
+    over = {"image_size": args.image_size} if args.image_size else {}
+    if args.dinov2_arch != "vitl14" and make_config(args.preset).encoder == "dinov2":  # the paper's: ViT-L/14
+        over.update(dinov2_arch=args.dinov2_arch, enc_dim=DINOV2_ARCHS[args.dinov2_arch][0])
+    return over
 
 
 def init_aligntok_encoder(model, args, cfg):
@@ -463,6 +467,9 @@ def main(argv=None):
         except (RuntimeError, FileNotFoundError, KeyError) as e:
             sys.exit(f"error: SigLIP target: {e} (or train without it: --aux_targets hog,dinov2)")
         model.set_feature_target("siglip", teacher)
+    if args.compile:  # the adaptive weights (GAN, L_sp) differentiate w.r.t. one weight: its layer stays eager
+        engine.keep_eager(model, [model.last_layer] * (args.disc != "none") +
+                          [model.encoder_last_layer] * (ref is not None))
     fwd = engine.wrap_model(model, args.compile, ddp, device, local)
     gan, opt_d, disc_fwd = build_gan(args, ckpt, init, device, ddp, local)
 

@@ -109,3 +109,45 @@ def test_attention_reaches_sdpa_in_bf16_without_masks(monkeypatch):
         lightning(torch.randn(2, 16, 4), torch.rand(2), torch.tensor([0, 1]))
     assert len(calls) > 10
     assert all(dtypes == {torch.bfloat16} and not args and not kwargs for dtypes, args, kwargs in calls), calls[:3]
+
+
+def test_adaptive_weight_under_compile_skips_the_compiled_backward():
+    """The GAN's lambda differentiates w.r.t. the pixel decoder's last weight. With that layer kept out of the
+    compiled graph (engine.keep_eager, as train_tokenizer.py --compile does), lambda runs only the small backward
+    graphs after it, never the trunk's, and equals the eager lambda."""
+    import copy
+    from torch._dynamo.backends.common import aot_autograd
+    import engine
+    from discriminator import GANLoss, NLayerDiscriminator
+    torch.manual_seed(0)
+    model = build(make_config("tiny", aux_targets=())).train()
+    eager = copy.deepcopy(model)
+    gan = GANLoss(NLayerDiscriminator(), 0, 0.5, 0.0, 0.0, augment=False, d_weight=1.0)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    calls = []
+
+    def counting_bw(gm, example_inputs):
+        n = len(gm.graph.nodes)
+
+        def run(args):
+            calls.append(n)
+            return gm(*args)
+        run._boxed_call = True
+        return run
+
+    def lam(fwd, m):
+        out = fwd(x, None)
+        calls.clear()
+        _, logs = gan.generator_term(out["rec"], out["pixel"], m.last_layer)
+        seen = list(calls)
+        out["loss"].backward()
+        return logs["d_weight"], seen, list(calls)
+
+    ref, _, _ = lam(eager, eager)
+    torch._dynamo.reset()
+    engine.keep_eager(model, [model.last_layer])
+    got, during, full = lam(torch.compile(model, backend=aot_autograd(fw_compiler=lambda gm, ex: gm,
+                                                                       bw_compiler=counting_bw)), model)
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+    assert full and max(during, default=0) < max(full)                  # the trunk's backward ran only once

@@ -323,17 +323,20 @@ def test_dinov2_teacher_gives_cls_and_patch_features_on_the_token_grid():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mask_tokens", ["image", "latent"])
-def test_torchrun_trains_with_image_or_latent_masking(tmp_path, mask_tokens):
+@pytest.mark.parametrize("mask_tokens", ["image", "latent", "semantic"])
+def test_torchrun_trains_with_image_or_latent_masking(tmp_path, mask_tokens, proxy_teacher):
     """Under DDP every trained parameter needs a gradient: DINOv2's own mask token is never used, nor MacTok's
-    under the latent-token control (or no mask), so MacTok.frozen freezes them instead of crashing the reducer."""
+    under the latent-token control (or no mask), so MacTok.frozen freezes them instead of crashing the reducer.
+    'semantic': the paper's recipe, a teacher for semantic masking and both alignment heads."""
     import subprocess
     import sys
+    recipe = (["--align", "local,global", "--semantic_mask_prob", "0.5", *proxy_teacher] if mask_tokens == "semantic"
+              else ["--align", "", "--teacher", "none", "--semantic_mask_prob", "0", "--mask_tokens", mask_tokens])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29523",
-           "train_tokenizer.py", *BASE, "--align", "", "--teacher", "none", "--semantic_mask_prob", "0",
-           "--mask_tokens", mask_tokens, "--max_steps", "2", "--results_dir", str(tmp_path)]
+           "train_tokenizer.py", *BASE, *recipe, "--max_steps", "2", "--results_dir", str(tmp_path)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     run = next(tmp_path.iterdir())
     assert [m["step"] for m in _metrics(run)] == [1, 2]
+    assert mask_tokens != "semantic" or {"align_local", "align_global"} <= set(_metrics(run)[0])
