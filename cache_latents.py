@@ -17,8 +17,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from engine import (PRECISION_HELP, PRECISIONS, autocast_context, find_checkpoint, load_checkpoint,
-                    setup_distributed)
+from engine import (PRECISION_HELP, PRECISIONS, autocast_context, check_shared_folder, find_checkpoint,
+                    load_checkpoint, setup_distributed)
 from tokenizer import comparable_config, from_checkpoint
 
 
@@ -61,8 +61,7 @@ def main(argv=None):
         os.makedirs(args.cache_path, exist_ok=True)
         if os.path.exists(os.path.join(args.cache_path, data.CACHE_META)):  # an old meta never describes new shards
             os.remove(os.path.join(args.cache_path, data.CACHE_META))
-    if ddp:
-        dist.barrier()
+    check_shared_folder(args.cache_path, rank, world, "--cache_path")
     mine = list(range(rank, len(ds), world))
     dtype = getattr(torch, args.cache_dtype)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, mine), batch_size=args.batch_size,

@@ -229,6 +229,7 @@ class Run:
         if rank == 0:
             for sub in ("checkpoints", "grids"):
                 os.makedirs(os.path.join(self.dir, sub), exist_ok=True)
+        check_shared_folder(self.dir, rank, world, "the run folder")
         self.log_file = open(os.path.join(self.dir, "log.txt"), "a") if rank == 0 else None
 
     def log(self, msg):
@@ -341,6 +342,35 @@ def reduce_means(sums, n, ddp, world, extra=()):
         vals[:len(keys)] /= world
     vals = vals.tolist()
     return dict(zip(keys, vals[:len(keys)])), vals[len(keys):]
+
+
+def check_shared_folder(path, rank, world, what):
+    """Every rank must see `path` as rank 0 does: checkpoints, cache shards and sample parts are written by one rank
+    and read by others, which holds across nodes only on a filesystem they share. Rank 0 writes a token there and
+    every rank reads it; if any cannot, every rank stops now, with a message, instead of at the first gather."""
+    if world == 1:
+        return
+    token = os.path.join(path, ".nanotok-shared-check")
+    nonce = [None]
+    if rank == 0:
+        os.makedirs(path, exist_ok=True)
+        nonce = [f"{os.getpid()}-{os.urandom(8).hex()}"]
+        with open(token, "w") as f:
+            f.write(nonce[0])
+    dist.broadcast_object_list(nonce)                                        # after rank 0's write
+    try:
+        with open(token) as f:
+            seen = f.read() == nonce[0]
+    except OSError:
+        seen = False
+    views = [None] * world
+    dist.all_gather_object(views, (seen, os.uname().nodename))
+    if rank == 0:
+        os.remove(token)
+    blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(views) if not ok]
+    if blind:
+        sys.exit(f"error: {what} {path!r} is not shared: {', '.join(blind)} cannot see what rank 0 writes there. "
+                 f"Multi-node runs need a filesystem mounted on every node (NFS, Lustre, ...): give a path on it")
 
 
 def gather_to_rank0(obj, rank, world):

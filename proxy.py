@@ -104,6 +104,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.add_argument("--out", default=None, help="checkpoint path (default results/proxy-<data>-<size>.pt)")
     args = p.parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.exit("error: proxy.py trains on one process (it is small); run it with python, not torchrun: under "
+                 "torchrun every rank would train a copy and write the same file")
     if args.steps <= 0 or args.batch_size <= 0 or args.image_size <= 0:
         p.error("--steps, --batch_size and --image_size must be positive")
     try:

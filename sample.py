@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 import data
 from diffusion import DiT, DiTConfig, Transport, guided_velocity
-from engine import (PRECISION_HELP, PRECISIONS, autocast_context, find_checkpoint, load_checkpoint,
-                    setup_distributed)
+from engine import (PRECISION_HELP, PRECISIONS, autocast_context, check_shared_folder, find_checkpoint,
+                    load_checkpoint, setup_distributed)
 from tokenizer import from_checkpoint
 
 
@@ -155,6 +155,7 @@ def main(argv=None):
         # Each rank writes its share to a memory-mapped .npy as it goes; rank 0 then holds the one in-memory copy
         # that becomes the .npz (50K samples at 256 px: 9.8 GB)
         out = args.out or os.path.join(run_dir, f"samples-{args.num_samples}-{tag}.npz")
+        check_shared_folder(os.path.dirname(os.path.abspath(out)), rank, world, "the output folder")
         mine = list(range(rank, args.num_samples, world))
         part, labels = None, np.zeros(len(mine), dtype=np.int64)
         for b in tqdm(range(0, len(mine), args.batch_size), disable=rank != 0, desc="sampling"):

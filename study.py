@@ -124,7 +124,9 @@ def member_flags(mid, paths, out):
 
 
 def run(args, script, *flags, log):
-    cmd = shlex.split(args.launcher) + [script, *flags]
+    """One script of the chain under --launcher; proxy.py, a one-process script, always under plain python (under
+    torchrun every rank would train its own copy and write the same file)."""
+    cmd = (shlex.split(args.launcher) if script != "proxy.py" else [sys.executable]) + [script, *flags]
     with open(log, "a") as f:
         f.write("+ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
         f.flush()

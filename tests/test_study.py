@@ -91,3 +91,21 @@ def test_main_correlates_within_each_family(tmp_path, monkeypatch):
     assert "lds" in rep["B"]["gfid"]["table"] and "lds" not in rep["A"]["gfid"]["table"]
     assert rep["B"]["gfid"]["table"]["lds"]["all"]["spearman"] < -0.99   # smoother grid, lower gFID here
     assert (tmp_path / "scatter_B_gfid.png").exists() and "family B, 3 tokenizers" in (tmp_path / "study.md").read_text()
+
+
+def test_the_proxy_never_runs_under_the_launcher(tmp_path, monkeypatch):
+    """study.py --launcher torchrun: every script of the chain under torchrun, but proxy.py under plain python (8
+    ranks would race on one file); proxy.py itself refuses a world size above one."""
+    import subprocess
+    import sys
+    import proxy
+    cmds = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **k: cmds.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    args = study.parse_args(["--launcher", "torchrun --nproc_per_node=8", "--out", str(tmp_path)])
+    study.run(args, "proxy.py", "--steps", "1", log=str(tmp_path / "log"))
+    study.run(args, "train_tokenizer.py", "--max_steps", "1", log=str(tmp_path / "log"))
+    assert cmds[0][:2] == [sys.executable, "proxy.py"] and cmds[1][:3] == ["torchrun", "--nproc_per_node=8",
+                                                                           "train_tokenizer.py"]
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    with pytest.raises(SystemExit, match="trains on one process"):
+        proxy.main(["--steps", "1"])

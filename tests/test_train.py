@@ -234,6 +234,31 @@ def test_a_nonfinite_step_is_skipped_and_a_streak_stops_the_run_with_the_last_ch
                        torch.load(ckpts[0], weights_only=True)["model"]["decoder.head.weight"])
 
 
+@pytest.mark.slow
+def test_a_folder_that_ranks_do_not_share_stops_every_rank_at_start(tmp_path):
+    """Node-local disks, simulated: each rank is given its own folder. Every rank exits with the message before
+    any work; a shared folder passes and leaves no token behind."""
+    script = tmp_path / "check.py"
+    script.write_text(f"""import sys
+sys.path.insert(0, {str(ROOT)!r})
+import engine
+ddp, rank, world, _, _ = engine.setup_distributed()
+engine.check_shared_folder({str(tmp_path)!r} + (f"/rank{{rank}}" if sys.argv[1] == "local" else "/shared"), rank, world,
+                           "--results_dir")
+print("passed", rank)
+""")
+    for mode in ("shared", "local"):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29543",
+                            str(script), mode], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if mode == "shared":
+            assert r.returncode == 0 and r.stdout.count("passed") == 2, r.stderr[-2000:]
+            assert os.listdir(tmp_path / "shared") == []
+        else:
+            assert r.returncode != 0 and "passed" not in r.stdout
+            assert "is not shared: rank 1 on" in r.stderr and "filesystem mounted on every node" in r.stderr
+
+
 def test_compile_wraps_the_ddp_module_and_precision_decides_tf32(tmp_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
