@@ -1,8 +1,9 @@
 """
 Benchmarks on the current device (CPU, or one GPU with bf16 autocast): throughput, model FLOP utilisation (MFU)
 and peak memory of tokenizer and denoiser training, of sampling (SiT-XL + the MAETok decoder, the paper's 250 SDE
-steps with CFG on an interval), of the feature networks, and of the GAN step. Numbers go in the README; nothing
-here is asserted by a test.
+steps with CFG on an interval), of the feature networks, and of the GAN step. The MAETok-B-128 rows are the paper
+run's step: HOG, DINOv2-L and SigLIP targets (their teachers' forwards included) and LPIPS, plus the DINO GAN after
+its start (random weights: speed does not depend on the values). Numbers go in docs/; nothing here is asserted.
 
   python bench.py                       # everything, eager
   python bench.py --compile             # every training / sampling row eager and torch.compile'd
@@ -12,8 +13,9 @@ here is asserted by a test.
 MFU = model FLOPs per second / the device's dense peak. Model FLOPs are counted by torch.utils.flop_counter on one
 eager step (forward + backward for training, 2 per multiply-add, no recomputation). The peak is the datasheet's
 dense bf16 tensor-core rate on a GPU (PEAK_BF16), and on CPU an fp32 estimate: threads x clock x FMA width (the
-clock /proc/cpuinfo reports now, so turbo makes CPU MFU read high). On CPU the XL rows run 2 sampling steps and
-extrapolate to 250.
+clock /proc/cpuinfo reports now, so turbo makes CPU MFU read high). A MIG slice's peak is the whole GPU's times
+its share of the streaming multiprocessors. Sampling runs --sample_steps steps (2 on CPU, 25 on GPU) and
+extrapolates to the paper's 250.
 """
 import argparse
 import resource
@@ -25,19 +27,21 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from diffusion import DiT, Transport, guided_velocity
 from diffusion import make_config as make_dit_config
-from pretrained import FIDInceptionV3, LPIPS, DinoViT, dinov2_config
+from pretrained import (LPIPS, SIGLIP_SO400M, DINOv2Target, DinoViT, FeatureTarget, FIDInceptionV3, SigLIPViT,
+                        ViTConfig, dinov2_config)
 from proxy import ProxyConfig, ProxyNet
 from tokenizer import build, make_config
 
-# dense (no sparsity) bf16 tensor-core peaks, FLOP/s, by a substring of torch.cuda.get_device_name(); first match
+# dense (no sparsity) bf16 tensor-core peaks, FLOP/s, and the whole GPU's streaming multiprocessors, by a
+# substring of torch.cuda.get_device_name(); first match
 PEAK_BF16 = [
-    ("H200", 989.4e12),       # NVIDIA H200 datasheet (SXM): 1,979 TFLOPS bf16 with sparsity
-    ("H100 PCIe", 756.0e12),  # NVIDIA H100 datasheet, PCIe: 1,513 with sparsity
-    ("H100 NVL", 835.0e12),   # NVIDIA H100 datasheet, NVL: 1,671 with sparsity
-    ("H100", 989.4e12),       # NVIDIA H100 datasheet, SXM5: 1,979 with sparsity
-    ("A100", 312.0e12),       # NVIDIA A100 datasheet: 312 (624 with sparsity)
-    ("L40S", 362.05e12),      # NVIDIA L40S datasheet: 362.05 (733 with sparsity)
-    ("RTX 4090", 165.2e12),   # NVIDIA Ada whitepaper, GeForce RTX 4090: bf16 with fp32 accumulate
+    ("H200", 989.4e12, 132),       # NVIDIA H200 datasheet (SXM): 1,979 TFLOPS bf16 with sparsity
+    ("H100 PCIe", 756.0e12, 114),  # NVIDIA H100 datasheet, PCIe: 1,513 with sparsity
+    ("H100 NVL", 835.0e12, 132),   # NVIDIA H100 datasheet, NVL: 1,671 with sparsity
+    ("H100", 989.4e12, 132),       # NVIDIA H100 datasheet, SXM5: 1,979 with sparsity
+    ("A100", 312.0e12, 108),       # NVIDIA A100 datasheet: 312 (624 with sparsity)
+    ("L40S", 362.05e12, 142),      # NVIDIA L40S datasheet: 362.05 (733 with sparsity)
+    ("RTX 4090", 165.2e12, 128),   # NVIDIA Ada whitepaper, GeForce RTX 4090: bf16 with fp32 accumulate
 ]
 
 
@@ -45,10 +49,8 @@ def peak_flops(device):
     """(FLOP/s, description) of the device, or (None, why) when unknown."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, peak in PEAK_BF16:
-            if key in name:
-                return peak, f"{name}: {peak / 1e12:.0f} TFLOP/s dense bf16"
-        return None, f"{name}: no peak in bench.PEAK_BF16"
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return gpu_peak(name, sms)
     try:
         info = open("/proc/cpuinfo").read()
         mhz = float(info.split("cpu MHz")[1].split(":")[1].split()[0])
@@ -58,6 +60,17 @@ def peak_flops(device):
     n = torch.get_num_threads()
     peak = n * mhz * 1e6 * lanes
     return peak, f"CPU fp32 estimate: {n} threads x {mhz / 1e3:.2f} GHz x {lanes} FLOP/cycle = {peak / 1e9:.0f} GFLOP/s"
+
+
+def gpu_peak(name, sms):
+    """(FLOP/s, description) of a GPU from its name and its streaming multiprocessors: a MIG slice (fewer SMs than
+    the whole GPU) gets its share of the peak."""
+    for key, peak, full in PEAK_BF16:
+        if key in name:
+            share = min(1.0, sms / full)
+            slice_ = f" x {sms}/{full} SMs (a MIG slice)" if share < 1 else ""
+            return peak * share, f"{name}: {peak / 1e12:.0f} TFLOP/s dense bf16{slice_}"
+    return None, f"{name}: no peak in bench.PEAK_BF16"
 
 
 def timed(fn, steps, warmup, device):
@@ -130,28 +143,44 @@ def tag(compiled):
     return "compiled" if compiled else "eager"
 
 
+def paper_maetok(device):
+    """MAETok-B-128 as the paper trains it: HOG, DINOv2-L/14 (converted to patch 16) and SigLIP SO400M targets,
+    and LPIPS-VGG; every frozen network with random weights."""
+    model = build(make_config("MAETok-B-128", aux_targets=("hog", "dinov2", "siglip"))).to(device).train()
+    c = model.cfg
+    vc = ViTConfig(**{**dinov2_config("vitl14").__dict__, "patch_size": c.patch_size, "img_size": c.image_size})
+    model.set_feature_target("dinov2", DINOv2Target(DinoViT(vc).eval().requires_grad_(False), c.grid_size).to(device))
+    siglip = SigLIPViT(*SIGLIP_SO400M, patch_size=c.patch_size).eval().requires_grad_(False)
+    model.set_feature_target("siglip", FeatureTarget(siglip).to(device))
+    return model, LPIPS().to(device).eval().requires_grad_(False)
+
+
 def bench_tokenizer(args, device, ctx, rep):
+    """tiny (the quick start's step), and MAETok-B-128's paper step before the GAN starts (teachers, LPIPS)."""
     rows = [("tiny", 64)] if args.quick else [("tiny", 64), ("MAETok-B-128", args.batch_size)]
     for preset, batch in rows:
-        model = build(make_config(preset)).to(device).train()
+        model, lpips = paper_maetok(device) if preset != "tiny" else (build(make_config(preset)).to(device).train(),
+                                                                      None)
         x = torch.rand(batch, 3, model.cfg.image_size, model.cfg.image_size, device=device) * 2 - 1
 
         def loss(fwd):
             with ctx:
-                return fwd(x, model.sample_mask(batch, device))["loss"]
+                out = fwd(x, model.sample_mask(batch, device))
+                return out["loss"] + (lpips(out["rec"].float(), x).mean() if lpips is not None else 0)
+        what = "HOG + DINOv2-L + SigLIP targets, LPIPS" if lpips is not None else "HOG target"
         for compiled in variants(args):
             s, fl = train_rate(model, loss, args, device, compiled)
-            rep.row(f"tokenizer {preset} training {model.cfg.image_size} px ({tag(compiled)})", batch, s, fl,
-                    note=f"{fl / batch / 1e9:.3g} GFLOPs/img fwd+bwd, ")
+            rep.row(f"tokenizer {preset} training {model.cfg.image_size} px, {what} ({tag(compiled)})", batch, s,
+                    fl, note=f"{fl / batch / 1e9:.3g} GFLOPs/img fwd+bwd, ")
 
 
 def bench_gan(args, device, ctx, rep):
-    """MAETok-B-128 with the DINO discriminator (random weights): the generator step with and without the GAN term
-    (one D pass with gradient through the frozen trunk, the adaptive weight) and the D step (4 D passes, trunk
-    without autograd, heads backward), each with its AdamW step."""
+    """MAETok-B-128's paper step (teachers, LPIPS) with the DINO discriminator (random weights): the generator step
+    with and without the GAN term (one D pass with gradient through the frozen trunk, the adaptive weight) and the
+    D step (4 D passes, trunk without autograd, heads backward), each with its AdamW step."""
     from discriminator import DinoDiscTrunk, GANLoss, dino_discriminator
     B = args.batch_size
-    model = build(make_config("MAETok-B-128")).to(device).train()
+    model, lpips = paper_maetok(device)
     disc = dino_discriminator(DinoDiscTrunk().to(device).eval().requires_grad_(False)).to(device)
     gan = GANLoss(disc, disc_start=0).to(device)
     opt_g = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -162,9 +191,10 @@ def bench_gan(args, device, ctx, rep):
     def g_step(adversarial):
         with ctx:
             out = model(x, model.sample_mask(B, device))
-            loss = out["loss"]
+            perceptual = lpips(out["rec"].float(), x).mean()
+            loss = out["loss"] + perceptual
             if adversarial:
-                term, _ = gan.generator_term(out["rec"], out["pixel"], model.decoder.head.weight)
+                term, _ = gan.generator_term(out["rec"], out["pixel"] + perceptual, model.last_layer)
                 loss = loss + term
             rec["x"] = out["rec"].detach()
         loss.backward()
@@ -247,7 +277,7 @@ def bench_sampling(args, device, ctx, rep):
         for p in model.parameters():  # off the adaLN-Zero init, so the work is a trained model's
             p.add_(0.02 * torch.randn_like(p))
         y, noise = torch.randint(1000, (batch,), device=device), torch.randn(batch, L, C, device=device)
-        run = steps if device.type == "cuda" or preset == "tiny" else 2  # CPU XL: 2 steps, extrapolated
+        run = steps if preset == "tiny" else min(steps, args.sample_steps)   # extrapolated to `steps`
         with ctx:
             fwd = flops(lambda: model(noise, torch.rand(batch, device=device), y))   # one unguided call
             dec = flops(lambda: tok.decode(noise))
@@ -278,6 +308,8 @@ def main():
     p.add_argument("--sample_batch", type=int, default=None, help="SiT-XL sampling batch (default 4 CPU, 256 GPU)")
     p.add_argument("--feature_batch", type=int, default=None, help="feature-network batch (default 16 CPU, 256 GPU)")
     p.add_argument("--steps", type=int, default=None, help="timed iterations (default 3 CPU, 20 GPU)")
+    p.add_argument("--sample_steps", type=int, default=None,
+                   help="sampling steps actually run, extrapolated to 250 (default 2 CPU, 25 GPU; tiny: all)")
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default 1 CPU, 5 GPU)")
     p.add_argument("--compile", action="store_true", help="also time every training / sampling row compiled")
     args = p.parse_args()
@@ -287,6 +319,7 @@ def main():
     args.sample_batch = args.sample_batch or (256 if gpu else 4)
     args.feature_batch = args.feature_batch or (256 if gpu else 16)
     args.steps = args.steps or (1 if args.quick else 20 if gpu else 3)
+    args.sample_steps = args.sample_steps or (25 if gpu else 2)
     args.warmup = args.warmup if args.warmup is not None else (0 if args.quick else 5 if gpu else 1)
     if args.quick:
         args.only = ",".join(g for g in args.only.split(",") if g != "gan")  # no tiny GAN row

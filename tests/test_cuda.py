@@ -62,3 +62,18 @@ def test_tiny_chain_on_cuda_bf16_compiled(launcher, proxy_and_ref, tmp_path):
          "--gmm_k", "1,2", "--out", str(tmp_path / "lat.json"))
     recon, gen = (json.load(open(tmp_path / f)) for f in ("recon.json", "gen.json"))
     assert 0 < recon["psnr"] < 60 and np.isfinite(recon["proxy_rfid"]) and np.isfinite(gen["proxy_fid"])
+
+
+def test_attention_runs_on_flash_sdpa_in_bf16():
+    """Every ViT of the chain (MAETok's RoPE attention, DiT) reaches the flash kernel in bf16: with the other SDPA
+    backends disabled, a fallback (a mask, an fp32 q after RoPE) raises instead of silently running the slow math."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from diffusion import DiT, make_config as dit_config
+    from tokenizer import build, make_config
+    tok = build(make_config("MAETok-B-128", aux_targets=())).cuda().train()
+    dit = DiT(dit_config("LightningDiT-B", in_channels=32, num_tokens=256, grid=(16, 16))).cuda().train()
+    x = torch.rand(4, 3, 256, 256, device="cuda") * 2 - 1
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), torch.autocast("cuda", dtype=torch.bfloat16):
+        tok(x, tok.sample_mask(4, "cuda"))["loss"].backward()
+        dit(torch.randn(4, 256, 32, device="cuda"), torch.rand(4, device="cuda"),
+            torch.randint(1000, (4,), device="cuda")).float().pow(2).mean().backward()
