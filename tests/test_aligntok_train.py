@@ -143,27 +143,28 @@ def test_decoder_starts_from_a_vavae_file(tmp_path, encoder_ckpt):
 @pytest.mark.slow
 def test_torchrun_trains_the_paper_structure_through_stage_two(tmp_path):
     """AlignTok-L-f16d32's structure (a DINOv2 encoder with its unused mask token, the adapter, VA-VAE's decoder,
-    the PatchGAN) under 2 gloo ranks at 64 px with DINOv2-S: the scratch stage, then the perceptual stage with
-    L_sp and the GAN from step 0, at one image per rank (where a view gradient used to mismatch DDP's buckets)."""
+    the PatchGAN) under 2 gloo ranks at 64 px with DINOv2-S: the perceptual stage with L_sp and the GAN from step
+    0, at one image per rank (where a view gradient used to mismatch DDP's buckets), from a stage-1 file."""
     import subprocess
     import sys
+    from dataclasses import asdict
     from conftest import ROOT
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    common = ["--preset", "AlignTok-L-f16d32", "--dinov2_arch", "vits14", "--image_size", "64", "--perceptual_weight",
-              "0", "--global_batch_size", "2", "--builtin_size", "8", "--num_workers", "0", "--eval_every", "-1",
-              "--grid_every", "-1", "--log_every", "1"]
-
-    def launch(*extra):
-        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                            "--master_port=29537", "train_tokenizer.py", *common, *extra], cwd=ROOT,
-                           capture_output=True, text=True, timeout=600, env=env)
-        assert r.returncode == 0, r.stderr[-3000:]
-        assert "Grad strides do not match" not in r.stderr
-        return r
-
-    launch("--stage", "scratch", "--disc", "none", "--max_steps", "1", "--results_dir", str(tmp_path / "s"))
-    stage1 = next((tmp_path / "s").iterdir())
-    launch("--stage", "perceptual", "--init_from", str(stage1), "--max_steps", "2", "--results_dir",
-           str(tmp_path / "p"))
-    m = [json.loads(l) for l in open(next((tmp_path / "p").iterdir()) / "metrics.jsonl")]
+    from engine import save_checkpoint
+    from tokenizer import build, make_config
+    cfg = make_config("AlignTok-L-f16d32", image_size=64, dinov2_arch="vits14", enc_dim=384)
+    torch.manual_seed(0)
+    sd = build(cfg).state_dict()
+    save_checkpoint({"model": sd, "ema": sd, "step": 1, "config": asdict(cfg), "rng": [],
+                     "args": {"preset": "AlignTok-L-f16d32", "stage": "align"}}, str(tmp_path / "stage1.pt"))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29537",
+                        "train_tokenizer.py", "--stage", "perceptual", "--init_from", str(tmp_path / "stage1.pt"),
+                        "--dinov2_arch", "vits14", "--perceptual_weight", "0", "--global_batch_size", "2",
+                        "--builtin_size", "8", "--num_workers", "0", "--eval_every", "-1", "--grid_every", "-1",
+                        "--log_every", "1", "--max_steps", "2", "--results_dir", str(tmp_path / "p")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Grad strides do not match" not in r.stderr
+    run = next((tmp_path / "p").iterdir())
+    m = [json.loads(l) for l in open(run / "metrics.jsonl")]
     assert [r["step"] for r in m] == [1, 2] and all(r["sp_lambda"] >= 0 and "d_loss" in r for r in m)
+    assert '"dinov2_arch": "vits14"' in (run / "log.txt").read_text()                  # the stage-1 file's config

@@ -85,6 +85,10 @@ def test_separable_ssim_equals_the_2d_window_and_scikit_image():
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
     ref = (((2 * ma * mb + c1) * (2 * sab + c2)) / ((ma ** 2 + mb ** 2 + c1) * (saa + sbb + c2))).flatten(1).mean(1)
     torch.testing.assert_close(ev.ssim(x, y), ref, atol=1e-12, rtol=0)
+    # they run where the images are (a GPU in evaluate.py recon), never copied to the CPU: on the meta device too
+    m = x.to("meta")
+    assert all(f(m, m).device.type == "meta" for f in (ev.psnr, ev.ssim)) and ev.gradient_energy(m).is_meta
+    assert ev.pairwise_sq_dists(np.ones((3, 4)), np.ones((2, 4)), "meta").is_meta
     skimage = pytest.importorskip("skimage.metrics")
     sk = [skimage.structural_similarity(x[i].numpy(), y[i].numpy(), channel_axis=2, gaussian_weights=True,
                                         sigma=1.5, use_sample_covariance=False, data_range=255) for i in range(2)]
