@@ -38,17 +38,18 @@ class LDMConfig:
     in_channels: int = 3
     out_ch: int = 3
     double_z: bool = True   # the encoder's conv_out gives mean and log-variance (a KL-VAE)
+    norm_groups: int = 32   # GroupNorm groups (LDM / VA-VAE / SD-VAE: 32)
 
 
-def norm(c):
-    return nn.GroupNorm(32, c, eps=1e-6)
+def norm(c, groups=32):
+    return nn.GroupNorm(groups, c, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, c_in, c_out):
+    def __init__(self, c_in, c_out, groups=32):
         super().__init__()
-        self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2, self.conv2 = norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.norm1, self.conv1 = norm(c_in, groups), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = norm(c_out, groups), nn.Conv2d(c_out, c_out, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
     def forward(self, x):
@@ -58,9 +59,9 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    def __init__(self, c):
+    def __init__(self, c, groups=32):
         super().__init__()
-        self.norm = norm(c)
+        self.norm = norm(c, groups)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
 
     def forward(self, x):
@@ -107,9 +108,9 @@ class Level(nn.Module):
         return getattr(self, self.resample_name)(x) if self.resample_name else x
 
 
-def mid_block(c):
+def mid_block(c, groups=32):
     m = nn.Module()
-    m.block_1, m.attn_1, m.block_2 = ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)
+    m.block_1, m.attn_1, m.block_2 = ResnetBlock(c, c, groups), AttnBlock(c, groups), ResnetBlock(c, c, groups)
     return m
 
 
@@ -119,17 +120,17 @@ class Encoder(nn.Module):
     def __init__(self, cfg: LDMConfig):
         super().__init__()
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
-        levels, c_in, res = [], cfg.ch, cfg.resolution
+        levels, c_in, res, g = [], cfg.ch, cfg.resolution, cfg.norm_groups
         for i, m in enumerate(cfg.ch_mult):
             c_out = cfg.ch * m
-            blocks = [ResnetBlock(c_in if j == 0 else c_out, c_out) for j in range(cfg.num_res_blocks)]
-            attn = [AttnBlock(c_out) for _ in blocks] if res in cfg.attn_resolutions else []
+            blocks = [ResnetBlock(c_in if j == 0 else c_out, c_out, g) for j in range(cfg.num_res_blocks)]
+            attn = [AttnBlock(c_out, g) for _ in blocks] if res in cfg.attn_resolutions else []
             last = i == len(cfg.ch_mult) - 1
             levels.append(Level(blocks, attn, None if last else Downsample(c_out), "downsample"))
             c_in, res = c_out, res if last else res // 2
         self.down = nn.ModuleList(levels)
-        self.mid = mid_block(c_in)
-        self.norm_out = norm(c_in)
+        self.mid = mid_block(c_in, g)
+        self.norm_out = norm(c_in, g)
         self.conv_out = nn.Conv2d(c_in, 2 * cfg.z_channels if cfg.double_z else cfg.z_channels, 3, padding=1)
 
     def forward(self, x):
@@ -148,18 +149,18 @@ class Decoder(nn.Module):
         super().__init__()
         L = len(cfg.ch_mult)
         c = cfg.ch * cfg.ch_mult[-1]
-        res = cfg.resolution // 2 ** (L - 1)
+        res, g = cfg.resolution // 2 ** (L - 1), cfg.norm_groups
         self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
-        self.mid = mid_block(c)
+        self.mid = mid_block(c, g)
         levels = [None] * L
         for i in reversed(range(L)):  # lowest resolution first; stored at index i (official `up.insert(0, ...)`)
             c_out = cfg.ch * cfg.ch_mult[i]
-            blocks = [ResnetBlock(c if j == 0 else c_out, c_out) for j in range(cfg.num_res_blocks + 1)]
-            attn = [AttnBlock(c_out) for _ in blocks] if res in cfg.attn_resolutions else []
+            blocks = [ResnetBlock(c if j == 0 else c_out, c_out, g) for j in range(cfg.num_res_blocks + 1)]
+            attn = [AttnBlock(c_out, g) for _ in blocks] if res in cfg.attn_resolutions else []
             levels[i] = Level(blocks, attn, Upsample(c_out) if i else None, "upsample")
             c, res = c_out, res * 2 if i else res
         self.up = nn.ModuleList(levels)
-        self.norm_out = norm(c)
+        self.norm_out = norm(c, g)
         self.conv_out = nn.Conv2d(c, cfg.out_ch, 3, padding=1)
 
     def forward(self, z):
@@ -194,7 +195,9 @@ VAVAE_F16D32 = LDMConfig()  # tokenizer/configs/vavae_f16d32.yaml: the decoder A
 
 @dataclass
 class VAVAEConfig(PatchGrid):
-    """VA-VAE as a tokenizer of the chain (released weights only: nanotok does not train it)."""
+    """An LDM KL autoencoder as a tokenizer of the chain, from released weights only (nanotok does not train it):
+    VA-VAE (family 'vavae', LightningDiT's), or a diffusers AutoencoderKL release (family 'autoencoderkl': SD-VAE,
+    the tokenizer of DiT / SiT / REPA, and its exports), the same network under other names (released.py)."""
     family: str = "vavae"
     image_size: int = 256
     patch_size: int = 16          # 2^(levels - 1): f16
@@ -204,12 +207,13 @@ class VAVAEConfig(PatchGrid):
     ch_mult: tuple = (1, 1, 2, 2, 4)
     num_res_blocks: int = 2
     attn_resolutions: tuple = (16,)
+    norm_groups: int = 32
 
     @property
     def ldm(self):
         return LDMConfig(z_channels=self.z_channels, ch=self.ch, ch_mult=tuple(self.ch_mult),
                          num_res_blocks=self.num_res_blocks, attn_resolutions=tuple(self.attn_resolutions),
-                         resolution=self.image_size)
+                         resolution=self.image_size, norm_groups=self.norm_groups)
 
 
 class VAVAE(AutoencoderKL):
@@ -227,8 +231,12 @@ class VAVAE(AutoencoderKL):
     grid = property(lambda self: (self.cfg.grid_size, self.cfg.grid_size))
     image_size = property(lambda self: self.cfg.image_size)
 
+    def moments(self, x):
+        """The posterior's mean and log-variance as tokens, (B, H*W, C) each (what a KL tokenizer reports)."""
+        return tuple(t.flatten(2).transpose(1, 2) for t in super().moments(x))
+
     def encode(self, x, mask=None):
-        return self.moments(x)[0].flatten(2).transpose(1, 2)                 # (B, H*W, C)
+        return self.moments(x)[0]                                            # (B, H*W, C)
 
     def decode(self, z):
         g = self.cfg.grid_size

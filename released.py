@@ -13,6 +13,9 @@ every nanotok tensor is filled.
   LightningDiT  hustvl/LightningDiT (lightningdit-xl-imagenet256-*.pt: {ema, ...} or a bare state dict)
   VA-VAE   hustvl/LightningDiT's tokenizer (vavae-imagenet256-f16d32-dinov2.pt: a Lightning checkpoint), the
            grid tokenizer aligntok.VAVAE that LightningDiT's releases decode with
+  AutoencoderKL  diffusers' format (a folder of config.json + diffusion_pytorch_model.safetensors / .bin):
+           stabilityai/sd-vae-ft-ema and -mse (SD-VAE, the tokenizer of DiT / SiT / REPA), REPA-E's exports; the
+           same LDM network as VA-VAE under diffusers' names, with the pipeline's latent scaling
 
   python evaluate.py recon --ckpt path/to/maetok-b-128 --data_path /data/imagenet/val    # any script's --ckpt
   python sample.py --ckpt path/to/sit-xl_maetok-b-128 --tokenizer_ckpt path/to/maetok-b-128
@@ -24,6 +27,7 @@ LightningDiT run t = 0 as noise: their config gets sit_time, and DiT.forward con
 import json
 import math
 import os
+import re
 from dataclasses import asdict
 
 import torch
@@ -31,7 +35,8 @@ import torch
 from diffusion import DiT, DiTConfig, rope_table, sincos_pos_embed
 from tokenizer import build, make_config
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin",                       # PyTorchModelHubMixin (MAETok)
+                "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # diffusers (AutoencoderKL)
 
 
 def release_files(path):
@@ -197,6 +202,8 @@ def load_release(path):
     sd = read_state_dict(weights)
     if denoiser_kind(sd) is not None:
         return denoiser_checkpoint(sd, weights, model_args)
+    if "encoder.down_blocks.0.resnets.0.conv1.weight" in sd:
+        return autoencoderkl_checkpoint(sd, model_args, weights)
     if not any(k.startswith("encoder.model.patch_embed.") for k in sd):
         raise KeyError(f"{weights!r} is neither an official MAETok file (no encoder.model.patch_embed.* keys) "
                        f"nor a SiT / LightningDiT one")
@@ -405,3 +412,80 @@ def denoiser_checkpoint(obj, source, hub_config=None):
     return {"config": asdict(cfg), "model": state, "ema": state, "step": 0, "released": os.path.abspath(source),
             "released_kind": kind, "guide_channels": GUIDE_CHANNELS[kind],
             "args": {"preset": f"released-{kind}", "source": os.path.abspath(source)}}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# diffusers AutoencoderKL (SD-VAE and its kin): diffusers names -> the LDM names of aligntok's autoencoder.
+# Mid-block attention is a Linear q / k / v / out over the channels (an LDM 1x1 conv); files written by older
+# diffusers (the 2022 SD-VAE releases) name them query / key / value / proj_attn. up_blocks run from the lowest
+# resolution; LDM's `up` is indexed from the highest (up.{L-1-i}).
+
+AKL_RENAMES = [(r"\.conv_norm_out\.", ".norm_out."), (r"\.conv_shortcut\.", ".nin_shortcut."),
+               (r"\.mid_block\.resnets\.0\.", ".mid.block_1."), (r"\.mid_block\.resnets\.1\.", ".mid.block_2."),
+               (r"\.mid_block\.attentions\.0\.", ".mid.attn_1."), (r"\.attn_1\.group_norm\.", ".attn_1.norm."),
+               (r"\.attn_1\.(to_q|query)\.", ".attn_1.q."), (r"\.attn_1\.(to_k|key)\.", ".attn_1.k."),
+               (r"\.attn_1\.(to_v|value)\.", ".attn_1.v."),
+               (r"\.attn_1\.(to_out\.0|proj_attn)\.", ".attn_1.proj_out."),
+               (r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block."),
+               (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.")]
+
+
+def autoencoderkl_key(k, levels):
+    for pattern, repl in AKL_RENAMES:
+        k = re.sub(pattern, repl, k)
+    m = re.match(r"^decoder\.up_blocks\.(\d+)\.(resnets|upsamplers\.0)\.(.*)$", k)
+    if m:
+        k = f"decoder.up.{levels - 1 - int(m[1])}.{'block' if m[2] == 'resnets' else 'upsample'}.{m[3]}"
+    return k
+
+
+def autoencoderkl_config(c):
+    """VAVAEConfig of a diffusers AutoencoderKL config.json; what nanotok's LDM network cannot express is an error."""
+    from aligntok import VAVAEConfig
+    bo, ch = list(c["block_out_channels"]), c["block_out_channels"][0]
+    plain = all(t == "DownEncoderBlock2D" for t in c.get("down_block_types", [])) and \
+        all(t == "UpDecoderBlock2D" for t in c.get("up_block_types", []))
+    if any(b % ch for b in bo) or not plain or c.get("act_fn", "silu") != "silu" or \
+            not c.get("mid_block_add_attention", True) or not c.get("use_quant_conv", True) or \
+            not c.get("use_post_quant_conv", True):
+        raise ValueError(f"an AutoencoderKL config nanotok does not express (block_out_channels {bo}, block types, "
+                         f"act_fn, mid-block attention or quant convs off): {c}")
+    size = c.get("sample_size", 256)
+    return VAVAEConfig(family="autoencoderkl", image_size=size[0] if isinstance(size, (list, tuple)) else size,
+                       patch_size=2 ** (len(bo) - 1), latent_dim=c["latent_channels"], z_channels=c["latent_channels"],
+                       ch=ch, ch_mult=tuple(b // ch for b in bo), num_res_blocks=c["layers_per_block"],
+                       attn_resolutions=(), norm_groups=c.get("norm_num_groups", 32))
+
+
+def autoencoderkl_stats(c, C):
+    """The latent normalisation of the release's own pipelines as nanotok's (mean, std): a denoiser sees
+    (z - mean) / std. diffusers: z * scaling_factor (SD-VAE: 0.18215), (z - shift_factor) * scaling_factor where
+    a shift is given, (z - latents_mean) * scaling_factor / latents_std where per-channel statistics are given."""
+    scale = float(c.get("scaling_factor") or 1.0)
+    if c.get("latents_mean") is not None and c.get("latents_std") is not None:
+        mean, std = torch.tensor(c["latents_mean"]).float(), torch.tensor(c["latents_std"]).float() / scale
+        how = f"(z - latents_mean) * {scale} / latents_std"
+    else:
+        mean, std = torch.tensor(float(c.get("shift_factor") or 0.0)), torch.tensor(1.0 / scale)
+        how = f"(z - {float(mean)}) * {scale}"
+    if mean.numel() not in (1, C) or std.numel() not in (1, C):
+        raise ValueError(f"latents_mean / latents_std have {mean.numel()} / {std.numel()} values for {C} channels")
+    return {"mean": mean, "std": std}, how
+
+
+def autoencoderkl_checkpoint(sd, config, source):
+    """A diffusers AutoencoderKL (state dict + config.json) -> a nanotok tokenizer checkpoint with the pipeline's
+    latent normalisation as its latent_stats."""
+    from aligntok import VAVAE
+    cfg = autoencoderkl_config(config)
+    with torch.device("meta"):
+        own = VAVAE(cfg).state_dict()
+    out = {}
+    for k, v in sd.items():
+        key = autoencoderkl_key(k, len(cfg.ch_mult))
+        out[key] = v.view(*v.shape, 1, 1) if ".attn_1." in key and v.ndim == 2 else v  # Linear -> 1x1 conv
+    state = strict_map(out, own, "diffusers AutoencoderKL file", "nanotok's LDM autoencoder")
+    stats, how = autoencoderkl_stats(config, cfg.latent_dim)
+    return {"config": asdict(cfg), "model": state, "ema": state, "step": 0, "released": os.path.abspath(source),
+            "latent_stats": stats, "latent_normalisation": how,
+            "args": {"preset": "released-autoencoderkl", "source": os.path.abspath(source)}}

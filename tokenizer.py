@@ -268,7 +268,7 @@ STAGES = {
 }
 # what a stage without the training-only parts drops, per family (and every released-style checkpoint)
 TRAIN_ONLY = {"maetok": dict(aux_targets=()), "mactok": dict(align=(), kl_weight=0.0, mask_tokens="none"),
-              "aligntok": dict(), "vavae": dict()}
+              "aligntok": dict(), "vavae": dict(), "autoencoderkl": dict()}
 NO_DECAY = ("pos_embed", "cls_token", "mask_token", "latent_tokens", "rope.freqs", "recon_token", "gamma")
 
 
@@ -467,7 +467,8 @@ RECIPES.update({
 })
 PRESETS.update(ALIGNTOK_PRESETS)
 FAMILIES = {"maetok": (TokenizerConfig, MAETok), "mactok": (MacTokConfig, MacTok),
-            "aligntok": (AlignTokConfig, AlignTok), "vavae": (VAVAEConfig, VAVAE)}
+            "aligntok": (AlignTokConfig, AlignTok), "vavae": (VAVAEConfig, VAVAE),
+            "autoencoderkl": (VAVAEConfig, VAVAE)}
 
 
 def make_config(preset, **overrides):
