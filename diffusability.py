@@ -70,10 +70,35 @@ def fg_tokens(src, idx, tok, layout):
     return torch.stack([patch[:, owner == j].any(1) for j in range(int(owner.max()) + 1)], 1)
 
 
-def diffusability_metrics(z_tr, y_tr, z_va, y_va, layout, fg, args, device=None):
-    """Every latent-only metric on normalised latents (train statistics); the all-pairs ones (LNC) in row blocks
-    on `device`."""
-    mean, std = z_tr.mean((0, 1)), z_tr.std((0, 1)).clamp_min(1e-8)
+def normalisation(ckpt, rule="pipeline"):
+    """((mean, std) or None for per-channel train statistics, how in words) of a tokenizer's latents. 'pipeline':
+    as the tokenizer's own pipeline feeds its denoiser: a release's latent_stats (SD-VAE: z x 0.18215; MAETok:
+    its scalar vq_mean / vq_std), else per channel with train statistics (nanotok's runs; VA-VAE, whose
+    latents_stats.pt are per-channel training statistics too)."""
+    stats = ckpt.get("latent_stats") if rule == "pipeline" else None
+    if stats is None:
+        return None, "per channel, train statistics"
+    mean, std = (torch.as_tensor(stats[k]).float().flatten() for k in ("mean", "std"))
+    how = ckpt.get("latent_normalisation") or (f"(z - {mean.tolist()}) / {std.tolist()}" if mean.numel() <= 4
+                                               else "(z - mean_c) / std_c, the release's per-channel statistics")
+    return (mean, std), f"release pipeline: {how}"
+
+
+def comparison_table(results):
+    """A markdown table of every scalar metric (rows) of several tokenizers (columns), with how each is
+    normalised."""
+    names = [run_name(str(r["tokenizer"])) for r in results]
+    keys = [k for k in results[0] if all(isinstance(r.get(k), float) for r in results)]
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(results)]
+    lines += [f"| {k} | " + " | ".join(f"{r[k]:.4g}" for r in results) + " |" for k in keys]
+    lines += ["", "Normalisation: " + "; ".join(f"{n}: {r['normalisation']}" for n, r in zip(names, results))]
+    return "\n".join(lines) + "\n"
+
+
+def diffusability_metrics(z_tr, y_tr, z_va, y_va, layout, fg, args, device=None, stats=None):
+    """Every latent-only metric on normalised latents (`stats` = (mean, std), else per-channel train
+    statistics); the all-pairs ones (LNC) in row blocks on `device`."""
+    mean, std = stats if stats is not None else (z_tr.mean((0, 1)), z_tr.std((0, 1)).clamp_min(1e-8))
     u_tr, u_va = (z_tr - mean) / std, (z_va - mean) / std
     res = {}
     v = lm.viv(u_va, y_va)

@@ -464,13 +464,44 @@ def plot_gmm(ks, nll, path, W=420, H=300, m=50):
 
 
 def cmd_diffusability(args):
-    """Every latent metric of one tokenizer, one JSON and a PNG (diffusability.py, latent_metrics.py)."""
+    """Every latent metric of one tokenizer (one JSON and a PNG), or of several on the same images (their JSONs, one
+    table and one figure side by side); diffusability.py, latent_metrics.py."""
     import diffusability as dif
-    from engine import autocast_context, load_checkpoint
-    from tokenizer import from_checkpoint
+    from engine import autocast_context
+    paths = [p for p in args.tokenizer_ckpt.split(",") if p]
+    if len(paths) > 1 and args.denoiser_ckpt:
+        sys.exit("error: --denoiser_ckpt belongs to one tokenizer: give one --tokenizer_ckpt with it")
     _, rank, world, device, feats = setup(args)
     _, ctx = autocast_context(args.precision, device)
-    ckpt = load_checkpoint(args.tokenizer_ckpt)
+    results = [diffusability_of(path, args, rank, world, device, feats, ctx) for path in paths]
+    if rank != 0:
+        return None
+    if len(paths) == 1:
+        res = results[0]
+        out = args.out or os.path.join(run_folder(paths[0]), "diffusability.json")
+        flat = {k: v for k, v in res.items() if not isinstance(v, (dict, list)) or k == "latent_shape"}
+        report(flat, "latent diffusability (latent-metrics.md)", out, rank)
+        with open(out, "w") as f:
+            json.dump(res, f, indent=1)
+        dif.plot_diffusability(res, [json.load(open(c)) for c in args.compare.split(",") if c], out[:-5] + ".png")
+        return res
+    out = args.out or "diffusability-comparison.json"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=1)
+    with open(out[:-5] + ".md", "w") as f:
+        f.write(dif.comparison_table(results))
+    dif.plot_diffusability(results[0], results[1:], out[:-5] + ".png")
+    print(dif.comparison_table(results) + f"\nwrote {out}, {out[:-5]}.md and {out[:-5]}.png")
+    return results
+
+
+def diffusability_of(path, args, rank, world, device, feats, ctx):
+    """The diffusability report of one tokenizer on rank 0 (None elsewhere)."""
+    import diffusability as dif
+    from engine import load_checkpoint
+    from tokenizer import from_checkpoint
+    ckpt = load_checkpoint(path)
     tok = from_checkpoint(ckpt).to(device).eval()
     try:
         train = data.build_source(args.train_path or args.data_path, tok.image_size, "train", args.num_train)
@@ -484,8 +515,9 @@ def cmd_diffusability(args):
         {args.posterior if kl else "mean": args.posterior == "sample" and kl}
     layout = dif.token_layout(tok, ckpt["config"])
     fg = dif.fg_tokens(val, i_va, tok, layout) if layout is not None and hasattr(val, "mask") else None
-    res = {"tokenizer": args.tokenizer_ckpt, "family": tok.cfg.family, "latent_shape": list(tok.latent_shape),
-           "num_train": len(i_tr), "num_val": len(i_va), "normalisation": "per channel, train statistics",
+    stats, how = dif.normalisation(ckpt, args.normalisation)
+    res = {"tokenizer": path, "family": tok.cfg.family, "latent_shape": list(tok.latent_shape),
+           "num_train": len(i_tr), "num_val": len(i_va), "normalisation": how,
            "footprints": None if layout is None or not layout[3] else list(layout[0]),
            "grid": None if tok.grid is None else list(tok.grid)}
     # every variant is encoded on all ranks first (the only collective part); then rank 0 measures alone, with
@@ -498,7 +530,7 @@ def cmd_diffusability(args):
     if world > 1:
         torch.set_num_threads(len(os.sched_getaffinity(0)))
     for name, (z_tr, z_va) in latents.items():
-        m = dif.diffusability_metrics(z_tr, y_tr, z_va, y_va, layout, fg, args, device)
+        m = dif.diffusability_metrics(z_tr, y_tr, z_va, y_va, layout, fg, args, device, stats)
         res.update(m) if name == "mean" else res.update(posterior_sample=m)
     z_tr, z_va = latents["mean" if "mean" in latents else "sample"]
     if args.num_ifid > 0:
@@ -511,12 +543,6 @@ def cmd_diffusability(args):
         print("--num_ifid 0: iFID, rFID and the equivariance metrics (they decode images) are skipped")
     if args.denoiser_ckpt:
         res.update(dif.trajectory_report(args, device, ctx))
-    out = args.out or os.path.join(run_folder(args.tokenizer_ckpt), "diffusability.json")
-    flat = {k: v for k, v in res.items() if not isinstance(v, (dict, list)) or k == "latent_shape"}
-    report(flat, "latent diffusability (latent-metrics.md)", out, rank)
-    with open(out, "w") as f:
-        json.dump(res, f, indent=1)
-    dif.plot_diffusability(res, [json.load(open(c)) for c in args.compare.split(",") if c], out[:-5] + ".png")
     return res
 
 
@@ -555,7 +581,13 @@ def main(argv=None):
     lat.add_argument("--gmm_k", default="1,2,4,8,16,32,64", help="GMM: comma list of component counts")
     lat.add_argument("--out", default=None, help="JSON output path, the plot beside it (default: in the cache / run)")
     dif = sub.add_parser("diffusability", help="every latent metric of the diffusability study, JSON + PNG")
-    dif.add_argument("--tokenizer_ckpt", required=True, help="tokenizer run folder, checkpoint or release")
+    dif.add_argument("--tokenizer_ckpt", required=True,
+                     help="tokenizer run folder, checkpoint or release; a comma list compares several on the same "
+                          "images (one table and figure)")
+    dif.add_argument("--normalisation", default="pipeline", choices=["pipeline", "channel"],
+                     help="pipeline: as the tokenizer's own pipeline normalises its latents (a release's scaling or "
+                          "statistics; nanotok's and VA-VAE's: per channel, train statistics); channel: always per "
+                          "channel with train statistics")
     dif.add_argument("--data_path", default=data.BUILTIN, help="labelled held-out images (builtin: val split)")
     dif.add_argument("--train_path", default=None, help="images for statistics / iFID neighbours (default: "
                      "data_path's train split)")

@@ -105,3 +105,30 @@ def test_sample_py_decodes_a_released_sit_through_an_autoencoderkl(tmp_path):
                  "0", "--num_steps", "2", "--cfg_scale", "4", "--out", str(tmp_path / "g.png")])
     from PIL import Image
     assert Image.open(tmp_path / "g.png").size == (64 + 4, 2 * (64 + 2) + 2)
+
+
+def test_one_diffusability_report_over_released_tokenizers(tmp_path):
+    """evaluate.py diffusability over two release-format tokenizers on the same held-out images: one JSON, one
+    markdown table and one figure, each tokenizer's latents normalised as its release normalises them."""
+    import evaluate
+    from dataclasses import asdict
+    from proxy import ProxyConfig, ProxyNet
+    fx = golden("diffusers_autoencoderkl_small.pt")
+    a = _release(tmp_path / "sd-vae-small", fx["f8c4"]["config"], fx["f8c4"]["state_dict"])
+    b = _release(tmp_path / "f16-small", fx["f16c8"]["config"], fx["f16c8"]["state_dict"])
+    proxy = ProxyNet(ProxyConfig(width=8))
+    torch.save({"model": proxy.state_dict(), "proxy_config": asdict(proxy.cfg)}, tmp_path / "proxy.pt")
+    out = tmp_path / "cmp" / "releases.json"
+    res = evaluate.main(["diffusability", "--tokenizer_ckpt", f"{a},{b}", "--proxy_ckpt", str(tmp_path / "proxy.pt"),
+                         "--num_train", "40", "--num_val", "40", "--num_ifid", "8", "--posterior", "mean",
+                         "--tsne_points", "30", "--tsne_reps", "1", "--viv_samples", "4", "--out", str(out)])
+    assert [r["grid"] for r in res] == [[8, 8], [4, 4]]
+    assert "z - 0.0) * 0.18215" in res[0]["normalisation"] and "* 1.0" in res[1]["normalisation"]
+    table = (tmp_path / "cmp" / "releases.md").read_text()
+    assert "| lnc |" in table and "sd-vae-small" in table and "f16-small" in table and "0.18215" in table
+    assert (tmp_path / "cmp" / "releases.png").exists() and len(json.load(open(out))) == 2
+    one = evaluate.main(["diffusability", "--tokenizer_ckpt", a, "--proxy_ckpt", str(tmp_path / "proxy.pt"),
+                         "--num_train", "40", "--num_val", "40", "--num_ifid", "8", "--posterior", "mean",
+                         "--tsne_points", "30", "--tsne_reps", "1", "--viv_samples", "4", "--normalisation", "channel",
+                         "--out", str(tmp_path / "one.json")])
+    assert one["normalisation"] == "per channel, train statistics"
