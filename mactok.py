@@ -9,12 +9,14 @@ What the paper's text lost is reconstructed in ../shared/notes/wave2-spec.md sec
             latent slice -> Linear(D -> 2C) = (mu, logvar)
   KL        z = mu + sigma * eps in training, mu in encode; KL summed over L * C, mean over the batch
   decoder   plain ViT on [N reconstruction tokens + 1D pos; Linear(C -> D)(z) + 1D pos] -> LN -> Linear(D -> p*p*3)
-  masking   per sample r = min(u, r_max); the top ceil(r N) of a score per patch: U(0, 1) (random) or the teacher's
-            cosine between its cls and each patch token (semantic), chosen per sample with probability p
+  masking   per sample r = min(u, r_max); the top floor(r N) of a score per patch (none when r < 1 / N: the paper's
+            "occasionally unmasked"): U(0, 1) (random) or the teacher's cosine between its cls and each patch token
+            (semantic), chosen per sample with probability p
   align     local: each token repeated N / L times -> MLP -> cosine to the teacher's patch features;
             global: mean token -> MLP -> cosine to the teacher's cls. Heads dropped from released checkpoints.
 The teacher (masking and alignment) runs once per step on the unmasked image: `teach(x) -> {cls, patches}`.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +49,10 @@ class MacTokConfig(PatchGrid):
     # masking (training only): 'image' tokens (paper), 'latent' tokens (appendix control) or 'none'
     mask_tokens: str = "image"
     mask_ratio_max: float = 0.7
+    # the law of r ([CHOICE], the paper's range was lost): 'uniform' r = min(u, r_max), u ~ U(0, 1), floor(r N)
+    # tokens, so an image stays unmasked with probability 1 / N; 'uniform_zero' the literal clip of U(-r_max, r_max)
+    # to [0, r_max]: unmasked with probability 1/2
+    mask_ratio_dist: str = "uniform"
     semantic_mask_prob: float = 0.5
     # representation alignment to the teacher: any of 'local', 'global'
     align: tuple = ("local", "global")
@@ -75,10 +81,17 @@ def sample_posterior(mu, logvar):
     return mu + (0.5 * logvar).exp() * torch.randn_like(mu)
 
 
-def draw_mask_ratios(B, r_max, generator=None):
-    """MacTok's ratio per sample (CPU RNG: no host sync): r = min(u, r_max), u ~ U(0, 1), so P(r = r_max) =
-    1 - r_max and r | r < r_max is uniform on [0, r_max) ([CHOICE] for the paper's lost 'clipped uniform')."""
-    return torch.rand(B, generator=generator).clamp(max=r_max)
+MASK_RATIO_DISTS = ("uniform", "uniform_zero")
+
+
+def draw_mask_ratios(B, r_max, generator=None, dist="uniform"):
+    """MacTok's ratio per sample (CPU RNG: no host sync), [CHOICE] for the paper's lost 'uniformly sampled, clipped
+    to r_max': 'uniform' r = min(u, r_max), u ~ U(0, 1), so P(r = r_max) = 1 - r_max and r | r < r_max is uniform
+    on [0, r_max); 'uniform_zero' r = clip(u, 0, r_max), u ~ U(-r_max, r_max): P(r = 0) = 1/2."""
+    u = torch.rand(B, generator=generator)
+    if dist == "uniform_zero":
+        return (r_max * (2 * u - 1)).clamp(0, r_max)
+    return u.clamp(max=r_max)
 
 
 def top_k_mask(scores, counts):
@@ -217,15 +230,18 @@ class MacTok(nn.Module):
         return None if fn is None or not (c.align or (c.mask_tokens == "image" and c.semantic_mask_prob)) else fn(x)
 
     def sample_mask(self, B, device, ratio=None, teacher=None):
-        """A training mask (B, N) for the image tokens (or (B, L) for latent-token masking): per sample
-        r = min(u, r_max) (a given ratio for every sample, if any), ceil(r * count) tokens, chosen as the top
-        scores: random, or the teacher's cls-patch cosine with probability semantic_mask_prob (image tokens)."""
+        """A training mask (B, N) for the image tokens (or (B, L) for latent-token masking): per sample a drawn
+        ratio r (draw_mask_ratios) and floor(r * count) tokens, so that some images stay unmasked (a given ratio
+        masks ceil(ratio * count) in every sample), chosen as the top scores: random, or the teacher's cls-patch
+        cosine with probability semantic_mask_prob (image tokens)."""
         c = self.cfg
         if c.mask_tokens == "none" or ratio == 0:
             return None
         n = c.num_patches if c.mask_tokens == "image" else c.num_latent_tokens
-        r = torch.full((B,), float(ratio)) if ratio is not None else draw_mask_ratios(B, c.mask_ratio_max)
-        counts = torch.ceil(r * n).long()
+        if ratio is not None:
+            counts = torch.full((B,), math.ceil(n * float(ratio) - 1e-9))
+        else:
+            counts = torch.floor(draw_mask_ratios(B, c.mask_ratio_max, dist=c.mask_ratio_dist) * n).long()
         scores = torch.rand(B, n)
         semantic = torch.rand(B) < c.semantic_mask_prob if teacher is not None and c.mask_tokens == "image" \
             else torch.zeros(B, dtype=torch.bool)
@@ -311,9 +327,18 @@ class ProxyTeacher(nn.Module):
         return {"cls": cls, "patches": f.flatten(2).transpose(1, 2)}            # (B, Dt), (B, N, Dt)
 
 
+_S = dict(enc_width=384, enc_depth=12, enc_heads=6, dec_width=384, dec_depth=12, dec_heads=6, align_hidden=512)
+_BL = dict(dec_width=1024, dec_depth=24, dec_heads=16)
 PRESETS = {
+    # the paper's sizes (Tab. 6b; wave2-spec b.1): B 176M (ViT-B encoder + decoder + the two alignment heads),
+    # S 45M (ViT-S encoder from DINOv2-S + ViT-S decoder; [INFERRED] heads 512 wide: the B heads' 1024 would make
+    # 47.8M), BL 391M (ViT-B encoder + ViT-L decoder, as SoftVQ-BL; the paper's 512 px model, with 64 tokens)
     "MacTok-B-128": dict(family="mactok"),
     "MacTok-B-64": dict(family="mactok", num_latent_tokens=64),
+    "MacTok-S-128": dict(family="mactok", **_S),
+    "MacTok-S-64": dict(family="mactok", num_latent_tokens=64, **_S),
+    "MacTok-BL-128": dict(family="mactok", **_BL),
+    "MacTok-BL-64-512": dict(family="mactok", image_size=512, num_latent_tokens=64, **_BL),
     # CPU: the MAETok tiny sizes (32 px, patch 4, 32 tokens x 8 channels, 160 wide, 2 + 2 layers), from scratch
     "MacTok-tiny": dict(family="mactok", image_size=32, patch_size=4, enc_width=160, enc_depth=2, enc_heads=4,
                         dec_width=160, dec_depth=2, dec_heads=4, num_latent_tokens=32, latent_dim=8,

@@ -433,16 +433,23 @@ RECIPES = {
                                                                  mask_anneal_steps=500, eval_every=500,
                                                                  grid_every=500, ckpt_every=500)}},
 }
+# MacTok (wave2-spec b.6): 250K steps at batch 256, 5K warmup, lr 1e-4 and the GAN's lost values as SoftVQ, the
+# codebase MacTok follows, configures them (start 20K, weight 0.2), center crop; 512 px: 500K steps at batch 128,
+# 10K warmup. Decoder fine-tuning: LPIPS at its full weight from the first step (no second ramp)
+_MACTOK = dict(max_steps=250_000, global_batch_size=256, lr=1e-4, warmup_steps=5000, disc_start=20_000,
+               disc_weight=0.2, aux_targets="", crop="center")
+_MACTOK_FT = dict(max_steps=50_000, global_batch_size=256, lr=1e-4, warmup_steps=0, min_lr_ratio=1.0, disc_start=0,
+                  disc_weight=0.2, perceptual_warmup=0, aux_targets="", crop="center")
+_MACTOK_512 = dict(max_steps=500_000, global_batch_size=128, warmup_steps=10_000)
 RECIPES.update({
-    # MacTok (wave2-spec b.6): 250K steps at batch 256, 5K warmup, lr 1e-4 (SoftVQ; the paper lost it), center crop
-    "MacTok-B-128": {"main": dict(max_steps=250_000, global_batch_size=256, lr=1e-4, warmup_steps=5000,
-                                  disc_start=20_000, aux_targets="", crop="center"),
-                     "decoder_finetune": dict(max_steps=50_000, global_batch_size=256, lr=1e-4, warmup_steps=0,
-                                              min_lr_ratio=1.0, disc_start=0, aux_targets="", crop="center")},
+    "MacTok-B-128": {"main": _MACTOK, "decoder_finetune": _MACTOK_FT},
     "MacTok-tiny": {"main": {**_TINY, "aux_targets": "", "teacher": "none"},
                     "decoder_finetune": {**_TINY, "aux_targets": "", "max_steps": 500, "warmup_steps": 20}},
 })
-RECIPES["MacTok-B-64"] = RECIPES["MacTok-B-128"]
+for _p in ("MacTok-B-64", "MacTok-S-128", "MacTok-S-64", "MacTok-BL-128"):
+    RECIPES[_p] = RECIPES["MacTok-B-128"]
+RECIPES["MacTok-BL-64-512"] = {"main": {**_MACTOK, **_MACTOK_512},
+                               "decoder_finetune": {**_MACTOK_FT, "global_batch_size": 128}}
 PRESETS.update(MACTOK_PRESETS)
 # AlignTok (wave2-spec c.2-c.3, c.7): L1 + LPIPS + the PatchGAN at 0.5 x adaptive (VA-VAE); constant lr; EMA used
 # for inference in stages 2 and 3 (stage 1 keeps the raw weights: decay 0, and stage 2's L_sp reference is them)

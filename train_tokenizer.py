@@ -73,6 +73,9 @@ def parse_args(argv=None):
     # MacTok (defaults: its preset's config)
     p.add_argument("--kl_weight", type=float, default=None, help="MacTok: KL weight (KL summed over L*C; 1e-6)")
     p.add_argument("--mask_ratio_max", type=float, default=None, help="MacTok: r = min(U(0,1), this) (0.7)")
+    p.add_argument("--mask_ratio_dist", default=None, choices=["uniform", "uniform_zero"],
+                   help="MacTok: the law of r: uniform = min(U(0, 1), max), floor(r N) tokens (unmasked with "
+                        "probability 1 / N); uniform_zero = U(-max, max) clipped to [0, max] (unmasked half the time)")
     p.add_argument("--semantic_mask_prob", type=float, default=None,
                    help="MacTok: probability per sample of teacher-guided rather than random masking (0.5)")
     p.add_argument("--mask_tokens", default=None, choices=["image", "latent", "none"],
@@ -183,8 +186,8 @@ def maetok_overrides(args):
 
 
 def mactok_overrides(args):
-    keys = ("kl_weight", "mask_ratio_max", "semantic_mask_prob", "mask_tokens", "align_weight", "encoder_init",
-            "image_size")
+    keys = ("kl_weight", "mask_ratio_max", "mask_ratio_dist", "semantic_mask_prob", "mask_tokens", "align_weight",
+            "encoder_init", "image_size")
     over = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.align is not None:
         over["align"] = tuple(t for t in args.align.split(",") if t)
@@ -295,6 +298,11 @@ def gan_state(gan, opt_d):
         return {}
     real, fake = gan.lecam_ema.tolist()
     return {"disc": gan.disc.state_dict(), "disc_optimizer": opt_d.state_dict(), "lecam": {"real": real, "fake": fake}}
+
+
+def perceptual_weight(args, step):
+    """LPIPS's weight at a step: ramped in linearly over --perceptual_warmup steps (official MAETok), or whole."""
+    return args.perceptual_weight * min(1.0, step / args.perceptual_warmup if args.perceptual_warmup else 1.0)
 
 
 def generator_loss(model, fwd, x, mask, teacher, lpips=None, pw=0.0, ref=None, sp_weight=0.0, gan=None):
@@ -535,7 +543,7 @@ def main(argv=None):
 
     def micro_batches(step, mask_ratio):
         """The step's micro-batches with their masks (drawn here, on the CPU RNG: no sync, nothing to recompile)."""
-        pw = args.perceptual_weight * min(1.0, step / args.perceptual_warmup if args.perceptual_warmup else 1.0)
+        pw = perceptual_weight(args, step)
         adversarial = gan is not None and gan.active(step)
         for _ in range(accum):
             x, _, n_bad = next(stream)
