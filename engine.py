@@ -350,14 +350,14 @@ def check_shared_folder(path, rank, world, what):
     every rank reads it; if any cannot, every rank stops now, with a message, instead of at the first gather."""
     if world == 1:
         return
-    token = os.path.join(path, ".nanotok-shared-check")
     nonce = [None]
-    if rank == 0:
+    if rank == 0:  # a name of its own: two jobs checking one folder at once never see each other's token
         os.makedirs(path, exist_ok=True)
         nonce = [f"{os.getpid()}-{os.urandom(8).hex()}"]
-        with open(token, "w") as f:
+        with open(os.path.join(path, f".nanotok-shared-{nonce[0]}"), "w") as f:
             f.write(nonce[0])
     dist.broadcast_object_list(nonce)                                        # after rank 0's write
+    token = os.path.join(path, f".nanotok-shared-{nonce[0]}")
     try:
         with open(token) as f:
             seen = f.read() == nonce[0]
@@ -371,6 +371,15 @@ def check_shared_folder(path, rank, world, what):
     if blind:
         sys.exit(f"error: {what} {path!r} is not shared: {', '.join(blind)} cannot see what rank 0 writes there. "
                  f"Multi-node runs need a filesystem mounted on every node (NFS, Lustre, ...): give a path on it")
+
+
+def use_all_threads():
+    """Every CPU thread of the machine for this process (rank 0's metrics once the other ranks are done): torchrun
+    starts each rank with OMP_NUM_THREADS=1, which PyTorch and NumPy / SciPy's BLAS (FID's sqrtm) both read."""
+    n = len(os.sched_getaffinity(0))
+    torch.set_num_threads(n)
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(n)
 
 
 def gather_to_rank0(obj, rank, world):

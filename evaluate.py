@@ -30,7 +30,7 @@ from scipy.special import xlogy
 from tqdm import tqdm
 
 import data
-from engine import PRECISION_HELP, PRECISIONS, gather_to_rank0
+from engine import PRECISION_HELP, PRECISIONS, gather_to_rank0, use_all_threads
 from latent_metrics import gmm_nll, linear_probe, pca_dim, pca_standardize
 
 # ----------------------------------------------------------------------------------------------------------
@@ -186,9 +186,14 @@ class Features:
 
     @torch.no_grad()
     def __call__(self, u8):
-        """Features in fp32 wherever they are called from: a caller's bf16 autocast would move FID."""
-        with torch.autocast(torch.device(self.device).type, enabled=False):
-            return self.features(u8)
+        """Features in fp32 wherever they are called from: a caller's bf16 autocast or TF32 would move FID."""
+        tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            with torch.autocast(torch.device(self.device).type, enabled=False):
+                return self.features(u8)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
     def features(self, u8):
         u8 = u8 if torch.is_tensor(u8) else torch.from_numpy(np.array(u8))  # a tensor may already be on the device
@@ -312,7 +317,7 @@ def cmd_gen(args):
     if rank != 0:  # the features went to rank 0
         return None
     if world > 1:  # the other ranks are done: rank 0's metrics get every CPU thread, not torchrun's one
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        use_all_threads()
     labels = None
     with np.load(args.samples) as f:
         for key in ("labels", "arr_1"):
@@ -528,7 +533,7 @@ def diffusability_of(path, args, rank, world, device, feats, ctx):
     if rank != 0:
         return None
     if world > 1:
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        use_all_threads()
     for name, (z_tr, z_va) in latents.items():
         m = dif.diffusability_metrics(z_tr, y_tr, z_va, y_va, layout, fg, args, device, stats)
         res.update(m) if name == "mean" else res.update(posterior_sample=m)

@@ -451,7 +451,12 @@ def main(argv=None):
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
+        try:
+            opt.load_state_dict(ckpt["optimizer"])
+        except ValueError as e:  # e.g. a parameter this version freezes (DINOv2's unused mask token in AlignTok)
+            sys.exit(f"error: the checkpoint's optimizer does not fit the parameters this version trains ({e}): "
+                     f"continue from its weights as a new run, --init_from {args.resume} with the next --stage, or "
+                     f"resume with the nanotok version that wrote it")
         step = ckpt["step"]
     lpips = None
     if args.perceptual_weight > 0:
@@ -476,8 +481,8 @@ def main(argv=None):
             sys.exit(f"error: SigLIP target: {e} (or train without it: --aux_targets hog,dinov2)")
         model.set_feature_target("siglip", teacher)
     if args.compile:  # the adaptive weights (GAN, L_sp) differentiate w.r.t. one weight: its layer stays eager
-        engine.keep_eager(model, [model.last_layer] * (args.disc != "none") +
-                          [model.encoder_last_layer] * (ref is not None))
+        engine.keep_eager(model, ([model.last_layer] if args.disc != "none" else []) +
+                          ([model.encoder_last_layer] if ref is not None else []))
     fwd = engine.wrap_model(model, args.compile, ddp, device, local)
     gan, opt_d, disc_fwd = build_gan(args, ckpt, init, device, ddp, local)
 

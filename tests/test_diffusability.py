@@ -155,3 +155,17 @@ evaluate.main(sys.argv[1:])
     assert "posterior_sample" in two
     for k in ("viv_norm", "lnc", "rmsc", "sec1d_0.5", "proxy_rfid"):
         assert abs(two[k] - one[k]) < 1e-5 * max(1, abs(one[k])), (k, one[k], two[k])
+
+
+def test_features_run_without_tf32_whatever_the_global_flag():
+    net = ProxyNet(ProxyConfig(width=8))
+    feats = evaluate.Features("proxy", torch.device("cpu"), net=net)
+    seen, real = [], feats.features
+    feats.features = lambda u8: seen.append(torch.backends.cuda.matmul.allow_tf32) or real(u8)
+    flags = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        feats(torch.zeros(2, 32, 32, 3, dtype=torch.uint8).numpy())
+        assert seen == [False] and torch.backends.cuda.matmul.allow_tf32     # off inside, restored after
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = flags

@@ -350,3 +350,36 @@ def test_missing_teacher_and_discriminator_weights_are_clear_errors(tmp_path, of
         ("hog,dinov2,siglip", "dino", 30_000, 0.4)
     r = _cli("--preset", "tiny", "--disc", "proxy")
     assert r.returncode == 2 and "--disc proxy needs --disc_proxy_ckpt" in r.stderr
+
+
+def test_compile_runs_the_gan_step_and_a_foreign_optimizer_state_is_a_clear_error(tmp_path, disc_proxy, monkeypatch):
+    """--compile with the GAN on (the adaptive weight's layer kept eager), traced by dynamo's eager backend so the
+    path runs in seconds on CPU; then a checkpoint whose optimizer holds another parameter set (one written
+    before a parameter became frozen) stops the resume with the way out."""
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **k: real(model, backend="eager"))
+    run = train_tokenizer.main(BASE + [*disc_proxy, "--disc_start", "0", "--compile", "--max_steps", "2",
+                                       "--results_dir", str(tmp_path)])
+    torch._dynamo.reset()
+    m = metrics(run)
+    assert [r["step"] for r in m] == [1, 2] and all(r["d_weight"] > 0 for r in m)
+    path = os.path.join(run, "checkpoints", "0000002.pt")
+    ck = torch.load(path, weights_only=True)
+    ck["optimizer"]["param_groups"][0]["params"].append(10_000)
+    torch.save(ck, path)
+    with pytest.raises(SystemExit, match="does not fit the parameters this version trains"):
+        train_tokenizer.main(BASE + ["--max_steps", "3", "--resume", run])
+
+
+def test_rank_zero_takes_every_thread_for_its_metrics():
+    """torchrun starts ranks with one thread; rank 0's metrics (FID's sqrtm in SciPy's BLAS too) get them all."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+    import engine
+    try:
+        with threadpool_limits(1):
+            engine.use_all_threads()
+            n = len(os.sched_getaffinity(0))
+            assert torch.get_num_threads() == n
+            assert all(p["num_threads"] == n for p in threadpool_info() if p["user_api"] == "blas")
+    finally:
+        torch.set_num_threads(min(2, torch.get_num_threads()))
