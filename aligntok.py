@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from discriminator import adaptive_weight
+from discriminator import LOGGED_TERMS, adaptive_terms
 from pretrained import IMAGENET_MEAN, IMAGENET_STD, DinoViT, dinov2_config
 from proxy import ProxyConfig, ProxyNet
 from vit import PatchGrid
@@ -371,13 +371,16 @@ def semantic_preservation(model, ref, x, z, nll, weight):
     w = model.encoder_last_layer
     g_nll, = torch.autograd.grad(nll, w, retain_graph=True)
     g_sp, = torch.autograd.grad(sp, w, retain_graph=True, allow_unused=False)
-    lam = adaptive_weight(g_nll, g_sp, max_weight=1e8)
-    return weight * lam * sp, {"sp": sp.detach(), "sp_lambda": lam}
+    a = adaptive_terms(g_nll, g_sp, max_weight=1e8)
+    return weight * a["weight"] * sp, {"sp": sp.detach(), "sp_lambda": a["weight"],
+                                       **{f"sp_lambda_{k}": a[k] for k in LOGGED_TERMS}}
 
 
 PRESETS = {
     # the paper's ImageNet tokenizer: DINOv2-L/14 (304M), adapter 1024 -> 1024 -> 32, VA-VAE f16d32's decoder
     "AlignTok-L-f16d32": dict(family="aligntok"),
+    # the 64-channel variant (Tab. 3 / 7): adapter 1024 -> 1024 -> 64, the decoder's z 64 wide
+    "AlignTok-L-f16d64": dict(family="aligntok", latent_dim=64),
     # CPU (wave2-spec c.7): 32 px, the proxy's stride-4 grid (8 x 8), adapter 64 -> 64 -> 8, a small LDM decoder
     # (ch 32, ch_mult (1, 2, 2), 2 res-blocks, attention at 8 x 8)
     "AlignTok-tiny": dict(family="aligntok", image_size=32, patch_size=4, encoder="proxy", enc_dim=64,

@@ -93,11 +93,15 @@ def random_crop_arr(img, size, rng, min_crop_frac=0.8, max_crop_frac=1.0):
     return img.crop((x, y, x + size, y + size))
 
 
+CROPS = ("random", "center", "short_random")
+
+
 def transform(img, size, train, rng, crop="random"):
-    """train: random-resized crop (MAETok) or the ADM center crop (MacTok), + horizontal flip; eval: ADM center
-    crop. -> (3, S, S) in [-1, 1]."""
+    """train: random-resized crop (MAETok), the ADM center crop (MacTok), or the short side to S and a random S x S
+    crop (AlignTok / VA-VAE: 'short_random'), + horizontal flip; eval: ADM center crop. -> (3, S, S) in [-1, 1]."""
     if train:
-        img = random_crop_arr(img, size, rng) if crop == "random" else center_crop_arr(img, size)
+        img = (random_crop_arr(img, size, rng) if crop == "random" else center_crop_arr(img, size)
+               if crop == "center" else random_crop_arr(img, size, rng, 1.0, 1.0))
         if rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
     else:

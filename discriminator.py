@@ -242,9 +242,22 @@ def lecam_reg(real, fake, ema_real, ema_fake):
     return F.relu(real - ema_fake).pow(2).mean() + F.relu(ema_real - fake).pow(2).mean()
 
 
+def adaptive_terms(nll_grad, g_grad, eps=1e-4, max_weight=1e4):
+    """The adaptive weight ||grad_W nll|| / (||grad_W L_G|| + eps), clamped to [0, max_weight], detached, with what
+    it comes from (logged, so a run's log answers how the terms were balanced): the two gradient norms, whether
+    the clamp bound, and whether eps did (eps at least half the denominator). Tensors: no host sync."""
+    n_nll, n_g = nll_grad.detach().norm(), g_grad.detach().norm()
+    raw = n_nll / (n_g + eps)
+    return {"weight": raw.clamp(0, max_weight), "nll_grad": n_nll, "grad": n_g,
+            "clamped": (raw > max_weight).float(), "eps_bound": (n_g < eps).float()}
+
+
 def adaptive_weight(nll_grad, g_grad, eps=1e-4, max_weight=1e4):
     """||grad_W nll|| / (||grad_W L_G|| + eps), clamped to [0, 1e4], detached (W: the pixel decoder's last layer)."""
-    return (nll_grad.norm() / (g_grad.norm() + eps)).clamp(0, max_weight).detach()
+    return adaptive_terms(nll_grad, g_grad, eps, max_weight)["weight"]
+
+
+LOGGED_TERMS = ("nll_grad", "grad", "clamped", "eps_bound")  # of an adaptive weight, beside the weight itself
 
 
 class GANLoss(nn.Module):
@@ -281,8 +294,9 @@ class GANLoss(nn.Module):
         surrogate = (x_rec.float() * gx.float()).sum()                     # grad = dL_G / dx_rec upstream
         nll_w, = torch.autograd.grad(nll, last_layer, retain_graph=True)
         g_w, = torch.autograd.grad(surrogate, last_layer, retain_graph=True)
-        lam = adaptive_weight(nll_w, g_w)
-        return self.disc_weight * lam * surrogate, {"g_loss": g.detach(), "d_weight": lam}
+        a = adaptive_terms(nll_w, g_w)
+        return self.disc_weight * a["weight"] * surrogate, {"g_loss": g.detach(), "d_weight": a["weight"],
+                                                            **{f"d_weight_{k}": a[k] for k in LOGGED_TERMS}}
 
     def view(self, x, policy, prob):
         return diff_augment(x, policy, prob) if self.augment else x

@@ -454,7 +454,8 @@ PRESETS.update(MACTOK_PRESETS)
 # AlignTok (wave2-spec c.2-c.3, c.7): L1 + LPIPS + the PatchGAN at 0.5 x adaptive (VA-VAE); constant lr; EMA used
 # for inference in stages 2 and 3 (stage 1 keeps the raw weights: decay 0, and stage 2's L_sp reference is them)
 _AT = dict(global_batch_size=64, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0, disc="patchgan",
-           disc_weight=0.5, lecam_weight=0.0, cr_weight=0.0, perceptual_warmup=0, aux_targets="", crop="random")
+           disc_weight=0.5, lecam_weight=0.0, cr_weight=0.0, perceptual_warmup=0, aux_targets="", crop="short_random",
+           beta1=0.5, beta2=0.9, disc_betas="0.5,0.9")  # VA-VAE's Adam for G and D; short side 256 + a random crop
 _AT_TINY = dict(global_batch_size=64, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0, disc="none",
                 perceptual_weight=0.0, aux_targets="", log_every=50, grid_every=-1, eval_images=500)
 RECIPES.update({
@@ -462,6 +463,12 @@ RECIPES.update({
                           "perceptual": {**_AT, "max_steps": 220_000, "lr": 1e-5, "disc_start": 0,
                                          "ema_decay": 0.9999, "sp_weight": 1.0},
                           "decoder": {**_AT, "max_steps": 100_000, "lr": 1e-4, "disc_start": 0, "ema_decay": 0.9999},
+                          "scratch": {**_AT, "max_steps": 120_000, "lr": 1e-4, "disc_start": 5000, "ema_decay": 0.9999}},
+    # the 64-channel variant: 6 / 17 / 11 epochs at batch 64 (20K steps an epoch)
+    "AlignTok-L-f16d64": {"align": {**_AT, "max_steps": 120_000, "lr": 1e-4, "disc_start": 5000, "ema_decay": 0.0},
+                          "perceptual": {**_AT, "max_steps": 340_000, "lr": 1e-5, "disc_start": 0,
+                                         "ema_decay": 0.9999, "sp_weight": 1.0},
+                          "decoder": {**_AT, "max_steps": 220_000, "lr": 1e-4, "disc_start": 0, "ema_decay": 0.9999},
                           "scratch": {**_AT, "max_steps": 120_000, "lr": 1e-4, "disc_start": 5000, "ema_decay": 0.9999}},
     "AlignTok-tiny": {"align": {**_AT_TINY, "max_steps": 400, "lr": 1e-3, "ema_decay": 0.0, "eval_every": 400,
                                 "ckpt_every": 400},

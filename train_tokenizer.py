@@ -96,8 +96,9 @@ def parse_args(argv=None):
                         "with decoder.* and post_quant_conv.*; default: random, as the paper)")
     p.add_argument("--sp_weight", type=float, default=1.0,
                    help="AlignTok stage perceptual: weight of the semantic-preservation loss (x its adaptive weight)")
-    p.add_argument("--crop", default=None, choices=["random", "center"],
-                   help="training crop: random-resized (MAETok) or center (MacTok); default: the preset's")
+    p.add_argument("--crop", default=None, choices=list(data.CROPS),
+                   help="training crop: random-resized (MAETok), center (MacTok), or short side to the image size + "
+                        "a random crop (short_random: AlignTok / VA-VAE); default: the preset's")
     p.add_argument("--global_batch_size", type=int, default=512, help="images per optimizer step, all ranks")
     p.add_argument("--micro_batch_size", type=int, default=None,
                    help="images per forward on one rank (default: global/world); sets gradient accumulation")
@@ -108,7 +109,8 @@ def parse_args(argv=None):
                    help="step where the cosine reaches its floor (default: --max_steps); kept when a resumed run "
                         "extends --max_steps, so the planned schedule never changes silently")
     p.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW decay on >=2-D non-embedding weights")
-    p.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2 (beta1 = 0.9)")
+    p.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1 (AlignTok's recipe: VA-VAE's 0.5)")
+    p.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2 (AlignTok's recipe: VA-VAE's 0.9)")
     p.add_argument("--grad_clip", type=float, default=1.0, help="max grad norm (0 = no clipping)")
     p.add_argument("--max_steps", type=int, default=500_000, help="optimizer steps (paper: 500K)")
     p.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay per step")
@@ -124,6 +126,9 @@ def parse_args(argv=None):
                    help="--disc proxy: a proxy.py checkpoint (another seed / width than the evaluation proxy)")
     p.add_argument("--disc_start", type=int, default=30_000, help="step where the GAN terms switch on (official)")
     p.add_argument("--disc_weight", type=float, default=0.4, help="adversarial weight for G and D (official)")
+    p.add_argument("--disc_betas", default=None,
+                   help="'b1,b2' of the discriminator's AdamW (default: the generator's, as official MAETok; "
+                        "AlignTok's recipe: VA-VAE's 0.5,0.9)")
     p.add_argument("--lecam_weight", type=float, default=1e-3, help="LeCAM regulariser weight in the D loss")
     p.add_argument("--cr_weight", type=float, default=4.0, help="consistency regularisation weight (not x 0.4)")
     p.add_argument("--precision", default="auto", choices=engine.PRECISIONS, help=engine.PRECISION_HELP)
@@ -154,6 +159,10 @@ def validate(p, args):
         (0 <= args.mask_ratio_min <= args.mask_ratio < 1, "need 0 <= --mask_ratio_min <= --mask_ratio < 1"),
         (args.global_batch_size > 0, "--global_batch_size must be positive"),
         (args.nonfinite_patience > 0, "--nonfinite_patience must be positive"),
+        (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1, "need 0 <= --beta1, --beta2 < 1"),
+        (args.disc_betas is None or (args.disc_betas.count(",") == 1 and all(
+            b.replace(".", "", 1).isdigit() and float(b) < 1 for b in args.disc_betas.split(","))),
+         f"--disc_betas {args.disc_betas!r}: give 'b1,b2' with each in [0, 1), e.g. 0.5,0.9"),
         (args.micro_batch_size is None or args.micro_batch_size > 0, "--micro_batch_size must be positive"),
         (args.lr > 0 and 0 <= args.min_lr_ratio <= 1, "need --lr > 0 and 0 <= --min_lr_ratio <= 1"),
         (args.max_steps > 0 and args.warmup_steps >= 0, "need --max_steps > 0 and --warmup_steps >= 0"),
@@ -281,7 +290,7 @@ def build_gan(args, ckpt, init, device, ddp, local):
     decay = [p for p in disc.parameters() if p.ndim >= 2]
     opt_d = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                {"params": [p for p in disc.parameters() if p.ndim < 2], "weight_decay": 0.0}],
-                              lr=args.lr, betas=(0.9, args.beta2), fused=device.type == "cuda")
+                              lr=args.lr, betas=disc_betas(args), fused=device.type == "cuda")
     src = ckpt if ckpt is not None else init
     if src is not None and src.get("disc") is not None:
         disc.load_state_dict(src["disc"])
@@ -290,6 +299,14 @@ def build_gan(args, ckpt, init, device, ddp, local):
             opt_d.load_state_dict(ckpt["disc_optimizer"])
     disc_fwd = engine.wrap_model(disc, False, ddp, device, local)
     return gan, opt_d, disc_fwd
+
+
+def disc_betas(args):
+    """The discriminator optimiser's betas: --disc_betas, else the generator's."""
+    if not args.disc_betas:
+        return args.beta1, args.beta2
+    b1, b2 = (float(b) for b in args.disc_betas.split(","))
+    return b1, b2
 
 
 def gan_state(gan, opt_d):
@@ -446,7 +463,7 @@ def main(argv=None):
         ref.load_state_dict(ckpt["sp_reference"])
     groups = param_groups(model, args.stage, args.weight_decay)             # freezes what the stage does not train
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=device.type == "cuda")
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=device.type == "cuda")
     step = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -617,6 +634,12 @@ def main(argv=None):
             bar.set_postfix(loss=f"{rec['loss']:.4f}", pix=f"{rec['pixel']:.4f}")
             if n_bad:
                 log(f"step {step}: {int(n_bad)} unreadable images skipped since the last log")
+            for name in ("d_weight", "sp_lambda"):  # an adaptive weight that its clamp or eps decided
+                bound = [f"{w} in {rec[f'{name}_{w}']:.0%} of steps" for w in ("clamped", "eps_bound")
+                         if rec.get(f"{name}_{w}", 0) > 0]
+                if bound:
+                    log(f"step {step}: warning: the adaptive weight {name} was {', '.join(bound)} since the last "
+                        f"log (gradient norms {rec[name + '_nll_grad']:.3g} / {rec[name + '_grad']:.3g})")
             sums, counts, n_sum, skipped[0], t0, nonfinite = {}, {}, 0, 0, time.time(), 0
         if args.eval_every > 0 and (step % args.eval_every == 0 or step == args.max_steps):
             psnr = eval_psnr(ema, val_ds, eval_idx, rank, world, device, ctx)

@@ -64,7 +64,37 @@ def test_stage_two_semantic_preservation_is_zero_at_its_start_and_then_weighted(
     m = [r for r in metrics(stages[1]) if "pixel" in r]
     assert m[0]["sp"] == 0.0 and m[0]["loss"] == pytest.approx(m[0]["pixel"])   # L_sp = 0, no NaN
     assert m[1]["sp"] > 0 and 0 < m[1]["sp_lambda"] < 1e8
-    assert "semantic preservation" in open(os.path.join(stages[1], "log.txt")).read()
+    log = open(os.path.join(stages[1], "log.txt")).read()
+    assert "semantic preservation" in log
+    # the weight and what it comes from are logged; at the first step grad L_sp = 0, so eps decides (and is said)
+    assert m[0]["sp_lambda_eps_bound"] == 1.0 and m[1]["sp_lambda_eps_bound"] == 0.0
+    assert m[1]["sp_lambda"] == pytest.approx(m[1]["sp_lambda_nll_grad"] / (m[1]["sp_lambda_grad"] + 1e-4), rel=1e-5)
+    assert "step 1: warning: the adaptive weight sp_lambda was eps_bound in 100% of steps" in log
+    g = [r for r in metrics(stages[0]) if "d_weight" in r][0]
+    assert g["d_weight"] == pytest.approx(min(1e4, g["d_weight_nll_grad"] / (g["d_weight_grad"] + 1e-4)), rel=1e-5)
+
+
+def test_the_paper_recipe_crops_the_short_side_and_uses_vavaes_adam():
+    """AlignTok's data: the short side resized to the image size, then a random crop (not MAETok's random-resized
+    crop); G and D on VA-VAE's Adam betas (0.5, 0.9); an image that varies only down its rows keeps every row."""
+    import numpy as np
+    from PIL import Image
+    import data
+    rows = np.repeat(np.linspace(0, 255, 300).astype(np.uint8)[:, None, None], 400, 1).repeat(3, 2)
+    img = Image.fromarray(rows)                                             # 300 x 400, constant along each row
+    ref = data.center_crop_arr(img, 256)                                    # the short side at 256, no zoom
+    for seed in range(4):
+        got = data.transform(img, 256, True, np.random.default_rng(seed), crop="short_random")
+        torch.testing.assert_close(got, data.to_tensor(ref))
+    _, args, explicit = train_tokenizer.parse_args(["--preset", "AlignTok-L-f16d32", "--stage", "perceptual"])
+    from tokenizer import RECIPES
+    train_tokenizer.engine.apply_recipe(args, RECIPES["AlignTok-L-f16d32"]["perceptual"], explicit)
+    assert args.crop == "short_random" and train_tokenizer.disc_betas(args) == (0.5, 0.9) and args.beta1 == 0.5
+    _, args, _ = train_tokenizer.parse_args([])
+    assert train_tokenizer.disc_betas(args) == (0.9, 0.95)                 # MAETok: D as G, as official
+    with pytest.raises(SystemExit):
+        p, args, _ = train_tokenizer.parse_args(["--disc_betas", "0.5"])
+        train_tokenizer.validate(p, args)
 
 
 def test_adaptive_weight_scales_inversely_with_the_loss():

@@ -202,6 +202,15 @@ def test_discriminator_loss_weights_and_constant_d():
     assert GANLoss(const).discriminator_loss(const, x, x_rec)["d_cr"].item() < 1e-10  # SN moves u a little
 
 
+def test_adaptive_terms_say_when_the_clamp_or_eps_decides():
+    from discriminator import adaptive_terms
+    a = adaptive_terms(torch.tensor([3.0, 4.0]), torch.tensor([0.5, 0.0]))
+    assert (a["nll_grad"].item(), a["grad"].item(), a["clamped"].item(), a["eps_bound"].item()) == (5.0, 0.5, 0, 0)
+    assert adaptive_terms(torch.tensor([3.0, 4.0]), torch.tensor([1e-5, 0.0]))["eps_bound"].item() == 1
+    big = adaptive_terms(torch.tensor([1e3, 0.0]), torch.tensor([1e-2, 0.0]))
+    assert big["clamped"].item() == 1 and big["weight"].item() == 1e4
+
+
 def test_adaptive_weight_closed_form_clamp_and_scale_invariance():
     a, b = torch.tensor([3.0, 4.0]), torch.tensor([0.0, 0.5])
     assert abs(adaptive_weight(a, b).item() - 5 / (0.5 + 1e-4)) < 1e-4

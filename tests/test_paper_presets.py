@@ -22,7 +22,8 @@ CASES = [("MAETok-B-128", "main"), ("MAETok-B-128", "decoder_finetune"),
          ("MacTok-B-64", "main"), ("MacTok-B-64", "decoder_finetune"),
          ("MacTok-B-128", "main"), ("MacTok-B-128", "decoder_finetune"),
          ("AlignTok-L-f16d32", "align"), ("AlignTok-L-f16d32", "perceptual"), ("AlignTok-L-f16d32", "decoder"),
-         ("AlignTok-L-f16d32", "scratch")]
+         ("AlignTok-L-f16d32", "scratch"), ("AlignTok-L-f16d64", "perceptual"),
+         ("MacTok-S-128", "main"), ("MacTok-BL-64-512", "main")]
 
 
 @pytest.fixture(autouse=True)
