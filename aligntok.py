@@ -5,7 +5,7 @@ state-dict names so that a VA-VAE checkpoint loads.
 
 "Aligning Visual Foundation Encoders to Tokenizers for Diffusion Models" (AlignTok) reuses VA-VAE's decoder:
 post_quant_conv (1x1, 32 -> 32) + Decoder(z 32, ch 128, ch_mult (1, 1, 2, 2, 4), 2 res-blocks, attention at
-16 x 16) = 41,417,603 + 1,056 parameters (../shared/notes/wave2-spec.md c.1). The VA-VAE encoder is here too: it is
+16 x 16) = 41,417,603 + 1,056 parameters (docs/fidelity.md c.1). The VA-VAE encoder is here too: it is
 the conv encoder of the 2D-grid baselines.
 
   ResnetBlock   GroupNorm(32, 1e-6) -> swish -> 3x3 conv, twice; 1x1 nin_shortcut when the width changes; no temb
@@ -381,7 +381,7 @@ PRESETS = {
     "AlignTok-L-f16d32": dict(family="aligntok"),
     # the 64-channel variant (Tab. 3 / 7): adapter 1024 -> 1024 -> 64, the decoder's z 64 wide
     "AlignTok-L-f16d64": dict(family="aligntok", latent_dim=64),
-    # CPU (wave2-spec c.7): 32 px, the proxy's stride-4 grid (8 x 8), adapter 64 -> 64 -> 8, a small LDM decoder
+    # CPU (docs/fidelity.md c.7): 32 px, the proxy's stride-4 grid (8 x 8), adapter 64 -> 64 -> 8, a small LDM decoder
     # (ch 32, ch_mult (1, 2, 2), 2 res-blocks, attention at 8 x 8)
     "AlignTok-tiny": dict(family="aligntok", image_size=32, patch_size=4, encoder="proxy", enc_dim=64,
                           adapter_hidden=64, latent_dim=8, dec_ch=32, dec_ch_mult=(1, 2, 2), dec_attn=(8,)),

@@ -1,7 +1,7 @@
 """
 The parts of `python evaluate.py diffusability` (the command itself is evaluate.cmd_diffusability): every latent
 metric of the diffusability study for one tokenizer, in one JSON and a PNG (the metric math is latent_metrics.py;
-definitions and section numbers: ../shared/notes/latent-metrics.md).
+definitions and section numbers: docs/metrics.md).
 
   python evaluate.py diffusability --tokenizer_ckpt results/001-tiny --proxy_ckpt proxy.pt \
       [--denoiser_ckpt results/002-tiny] [--compare other/diffusability.json,...]

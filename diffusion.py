@@ -8,7 +8,7 @@ MAETok / AlignTok / MacTok papers the patch size is 1: each latent token (1D) or
 
 Conventions (DESIGN.md): latents are (B, L, C), channel last. Time: x_t = (1 - t) x + t eps, t = 1 is noise,
 velocity target v = eps - x, samplers integrate t from 1 to 0 (the REPA / MAETok convention; SiT and LightningDiT
-themselves use t = 0 as noise, see ../shared/notes/official-implementations.md C.1). Their released weights
+themselves use t = 0 as noise, see docs/fidelity.md, Diffusion). Their released weights
 load with `sit_time` on (released.py): DiT.forward then feeds the network 1 - t and negates what it returns, the
 one place the two conventions meet, so every sampler and caller sees ours.
 """
@@ -375,7 +375,7 @@ PRESETS = {
     "LightningDiT-tiny": dict(width=128, depth=6, heads=4, **LIGHTNING),  # the tiny size for 2D-grid latents
 }
 # SiT: AdamW lr 1e-4, wd 0, batch 256, constant lr, uniform t. LightningDiT: lr 2e-4, beta2 0.95, batch 1024,
-# logit-normal t, cosine loss (official-implementations.md C.2, C.3, C.6)
+# logit-normal t, cosine loss (docs/fidelity.md, Diffusion)
 RECIPES = {
     "sit": dict(lr=1e-4, beta2=0.999, global_batch_size=256, time_dist="uniform", cosine_loss=False),
     "lightning": dict(lr=2e-4, beta2=0.95, global_batch_size=1024, time_dist="logit_normal", cosine_loss=True),

@@ -1,6 +1,6 @@
 """
 The adversarial stack of MAETok, which MacTok reuses (official continuous_tokenizer @ f4d60a0:
-discriminator_dino.py, utils/diff_aug.py, losses/vq_loss.py; ../shared/notes/wave2-spec.md section a).
+discriminator_dino.py, utils/diff_aug.py, losses/vq_loss.py; docs/fidelity.md section a).
 
   diff_augment     DiffAugment (Zhao et al. 2020) with the official policies, per-batch gates and RNG call order
   Discriminator    trainable heads on the activations of a frozen trunk: DinoDiscTrunk, the official DINO ViT-S/16
@@ -204,7 +204,7 @@ def dino_discriminator(trunk, kernel_size=9):
 # losses (official vq_loss.py)
 
 class NLayerDiscriminator(nn.Module):
-    """The LDM PatchGAN (taming-transformers / VA-VAE, AlignTok's inferred discriminator; wave2-spec c.2): 4x4
+    """The LDM PatchGAN (taming-transformers / VA-VAE, AlignTok's inferred discriminator; docs/fidelity.md c.2): 4x4
     convs 3 -> 64 (stride 2) -> 128 -> 256 (stride 2, BN) -> 512 (stride 1, BN) -> 1 logit per patch; LeakyReLU
     0.2; (B, 1, 30, 30) at 256 px; 2,765,633 parameters; init N(0, 0.02) convs, N(1, 0.02) BN weights."""
 

@@ -12,7 +12,7 @@ Metrics, as a CLI that prints a table and writes JSON.
   diffusability  every latent metric of the diffusability study (latent_metrics.py) in one JSON and a PNG
             python evaluate.py diffusability --tokenizer_ckpt tok.pt [--denoiser_ckpt dit] [--compare a.json,b.json]
 
-Definitions: ../shared/notes/official-implementations.md D, ../shared/notes/latent-metrics.md.
+Definitions: docs/metrics.md.
 """
 import argparse
 import hashlib
@@ -485,7 +485,7 @@ def cmd_diffusability(args):
         res = results[0]
         out = args.out or os.path.join(run_folder(paths[0]), "diffusability.json")
         flat = {k: v for k, v in res.items() if not isinstance(v, (dict, list)) or k == "latent_shape"}
-        report(flat, "latent diffusability (latent-metrics.md)", out, rank)
+        report(flat, "latent diffusability (docs/metrics.md)", out, rank)
         with open(out, "w") as f:
             json.dump(res, f, indent=1)
         dif.plot_diffusability(res, [json.load(open(c)) for c in args.compare.split(",") if c], out[:-5] + ".png")

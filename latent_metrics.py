@@ -1,6 +1,6 @@
 """
 The latent-diffusability metrics of "Diffusing in the Right Space: A Systematic Study of Latent Diffusability"
-(Zhong et al. 2026), as reconstructed in ../shared/notes/latent-metrics.md (section numbers below are that
+(Zhong et al. 2026), as defined in docs/metrics.md (section numbers below are that
 file's), for 1D token latents (B, L, C) and 2D grids (B, H*W, C), channel last. Every metric takes latents
 normalised exactly as the denoiser sees them (per channel, train statistics) unless it says otherwise.
 

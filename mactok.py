@@ -1,8 +1,8 @@
 """
-MacTok ("Masked Autoencoding and Representation Alignment...", arXiv 2603.29634, ../shared/papers/003_*; no public
+MacTok ("Masked Autoencoding and Representation Alignment...", arXiv 2603.29634; no public
 code): a KL 1D tokenizer kept from posterior collapse by masking its image tokens, randomly and where a teacher
 looks (DINO-guided semantic masking), with global and local alignment of the latent tokens to the teacher.
-What the paper's text lost is reconstructed in ../shared/notes/wave2-spec.md section b; each choice is marked there.
+What the paper's text lost is reconstructed in docs/fidelity.md section b; each choice is marked there.
 
   encoder   DINOv2 ViT (pretrained.DinoViT: its blocks, LayerScale, cls, APE over [cls; patches], no RoPE) on
             [cls; N patches (masked = a mask token, before the APE); L latent tokens + 1D pos] -> final LN ->
@@ -72,7 +72,7 @@ def sincos_2d(dim, grid):
 
 def kl_divergence(mu, logvar):
     """KL(N(mu, sigma^2) || N(0, 1)) summed over every latent element, averaged over the batch (the codebase's
-    normalisation: beside a *mean* pixel MSE this is what lets 1D KL tokenizers collapse; wave2-spec b.3)."""
+    normalisation: beside a *mean* pixel MSE this is what lets 1D KL tokenizers collapse; docs/fidelity.md b.3)."""
     return 0.5 * (mu.float() ** 2 + logvar.float().exp() - 1 - logvar.float()).sum() / mu.shape[0]
 
 
@@ -201,7 +201,7 @@ class MacTok(nn.Module):
     def frozen(self):
         """Parameters no stage trains (DDP needs a gradient for every trained one): the from-scratch encoder's
         fixed sin-cos APE; DINOv2's own mask token (kept so that its checkpoint loads; MacTok's is
-        encoder.mask_token, wave2-spec b); and that one too when no image token is ever masked (no mask, or the
+        encoder.mask_token, docs/fidelity.md b); and that one too when no image token is ever masked (no mask, or the
         latent-token control)."""
         return ("encoder.vit.mask_token",) + (("encoder.vit.pos_embed",) if self.cfg.encoder_init == "scratch"
                                               else ()) + (("encoder.mask_token",) if self.cfg.mask_tokens != "image"
@@ -330,7 +330,7 @@ class ProxyTeacher(nn.Module):
 _S = dict(enc_width=384, enc_depth=12, enc_heads=6, dec_width=384, dec_depth=12, dec_heads=6, align_hidden=512)
 _BL = dict(dec_width=1024, dec_depth=24, dec_heads=16)
 PRESETS = {
-    # the paper's sizes (Tab. 6b; wave2-spec b.1): B 176M (ViT-B encoder + decoder + the two alignment heads),
+    # the paper's sizes (Tab. 6b; docs/fidelity.md b.1): B 176M (ViT-B encoder + decoder + the two alignment heads),
     # S 45M (ViT-S encoder from DINOv2-S + ViT-S decoder; [INFERRED] heads 512 wide: the B heads' 1024 would make
     # 47.8M), BL 391M (ViT-B encoder + ViT-L decoder, as SoftVQ-BL; the paper's 512 px model, with 64 tokens)
     "MacTok-B-128": dict(family="mactok"),

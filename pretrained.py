@@ -1,7 +1,7 @@
 """
 Networks whose weights come from elsewhere, each loading its official checkpoint format from the official
 URL (torch.hub.load_state_dict_from_url) or a local path. Torch only: no torchvision, timm or lpips import.
-Every one is checked against fixtures made by the official code (../shared/golden, tests/test_pretrained.py).
+Every one is checked against fixtures made by the official code (tests/golden, tests/test_pretrained.py).
 
   LPIPS v0.1 'vgg'   Zhang et al. 2018, the `lpips` 0.1.4 package: MAETok's perceptual loss, a recon metric
   FID InceptionV3    mseitzer/pytorch-fid's FID network: pool3 (FID), logits (IS), mixed_6 spatial (sFID)

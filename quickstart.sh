@@ -7,20 +7,31 @@ set -euo pipefail
 OUT=${OUT:-results/quickstart}
 mkdir -p "$OUT"
 run() { echo "+ $*"; "$@"; }
+T0=$(date +%s%N); TS=$T0; TIMES=""
+stage() {  # stage NAME: close the previous stage's clock (printed as it goes, and in the table at the end)
+    local now=$(date +%s%N)
+    [ -n "${CUR:-}" ] && { local dt=$(( (now - TS) / 100000000 )); TIMES+="| ${CUR} | $((dt / 10)).$((dt % 10)) s |\n";
+                           echo "== ${CUR}: $((dt / 10)).$((dt % 10)) s"; }
+    CUR=$1; TS=$now
+}
 
 # 1. tokenizer (tiny preset, 32 px, 32 tokens x 8 channels): the paper's objective, mask modeling (ratio 0.4-0.6)
 #    with the pixel and HOG targets; LPIPS off (no VGG weights offline). The preset brings its recipe: batch 32,
 #    lr 2e-3, warmup 100, 1300 steps, EMA 0.99 (tokenizer.RECIPES)
+stage tokenizer
 run python train_tokenizer.py --preset tiny --perceptual_weight 0 --results_dir "$OUT/tokenizer" --num_workers 1
 TOK=$(ls -d "$OUT"/tokenizer/*/ | tail -n 1)
 # 2. the proxy feature network (FID / precision / recall / class accuracy at this scale; never an Inception FID)
+stage proxy
 run python proxy.py --image_size 32 --steps 600 --out "$OUT/proxy.pt"
 # 3. latent cache: 5K built-in images, each with and without horizontal flip (float16 storage, as the table below
 #    was measured; the default is float32)
+stage cache
 run python cache_latents.py --tokenizer_ckpt "$TOK" --cache_path "$OUT/cache" --builtin_size 5000 --num_workers 1 \
     --cache_dtype float16
 # 4. the denoiser (tiny SiT, 128 wide x 6 layers, on the 32 x 8 latent tokens), with LightningDiT's logit-normal t
 #    (it beat SiT's uniform t: samples classified at 43% vs 37%, 192 wide x 1500 steps)
+stage denoiser
 run python train_diffusion.py --model tiny --cache_path "$OUT/cache" --results_dir "$OUT/diffusion" \
     --global_batch_size 64 --lr 1e-3 --time_dist logit_normal --max_steps 3600 --ema_decay 0.99 --log_every 100 \
     --grid_every 3600 --grid_cfg 4.0 --grid_steps 25 --ckpt_every 3600
@@ -28,12 +39,14 @@ DIF=$(ls -d "$OUT"/diffusion/*/ | tail -n 1)
 # 5. samples (25 Euler steps): a grid (rows = classes, columns = seeds) and 500 samples without and with CFG.
 #    CFG 4 is the scale with the lowest proxy gFID at this size (1500-step denoiser: 21.2 / 16.8 / 15.6 / 16.9
 #    at CFG 2 / 3 / 4 / 5)
+stage samples
 run python sample.py --ckpt "$DIF" --classes 0,1,2,3,4,5,6,7,8,9 --seeds 0,1,2,3,4,5,6,7 --cfg_scale 4.0 \
     --num_steps 25 --out "$OUT/samples_cfg4.png"
 run python sample.py --ckpt "$DIF" --num_samples 500 --batch_size 250 --num_steps 25 --out "$OUT/samples_cfg1.npz"
 run python sample.py --ckpt "$DIF" --num_samples 500 --batch_size 250 --num_steps 25 --cfg_scale 4.0 \
     --out "$OUT/samples_cfg4.npz"
 # 6. metrics: reference = 1000 held-out built-in images (proxy features; LPIPS off, see above)
+stage metrics
 run python -c "
 import numpy as np, data
 src = data.BuiltinSource(32, 1000, 'val')
@@ -60,3 +73,5 @@ print("\n| metric (tiny quick start) | value |\n|---|---|")
 for k, v in rows:
     print(f"| {k} | {v:.3f} |")
 EOF
+stage done
+printf "\n| stage | time |\n|---|---|\n${TIMES}| total | $(( ($(date +%s%N) - T0) / 1000000000 )) s |\n"

@@ -1,5 +1,5 @@
 """
-The diffusability study at small scale (../shared/notes/wave2-spec.md d.3): a family of tokenizers spanning the
+The diffusability study at small scale (docs/fidelity.md d.3): a family of tokenizers spanning the
 paper's regularisations is trained on the same data, each gets a latent cache, a tiny denoiser, samples and a
 proxy gFID, then every latent metric (evaluate.py diffusability); the script correlates each metric with gFID
 within the family (Pearson r and Spearman rho, bootstrap 95% intervals), with the paper's reconstruction control

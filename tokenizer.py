@@ -12,7 +12,7 @@ Layout (B batch, N image patches, L latent tokens, D width, H latent channels):
   aux       shallow decoders of the same class predicting HOG / DINOv2 / ... targets of the masked patches.
 The model computes its own losses (pixel MSE + aux); the training script adds LPIPS (and a GAN later).
 
-The tokenizer interface (every family; ../shared/DESIGN.md): a config dataclass with a `family` field and named
+The tokenizer interface (every family): a config dataclass with a `family` field and named
 presets, build(cfg), from_checkpoint(ckpt), encode(x) -> (B, L, C) (a grid tokenizer also reports its (H, W) as
 `grid`), decode(z), forward(x, ...) -> dict of scalar losses with 'loss' (plus the reconstruction 'rec' that the
 trainer's perceptual and adversarial terms need), and param_groups(stage): what each training stage trains.
@@ -253,10 +253,10 @@ STAGES = {
     "mactok": {
         "main": Stage(trains=("",), keep_aux=True, mask="drawn", init=False),
         # paper: encoder frozen, decoder trained without masks; the KL and the alignment heads go (constant or
-        # unused once the encoder is frozen), z is still sampled from the posterior (wave2-spec b.6)
+        # unused once the encoder is frozen), z is still sampled from the posterior (docs/fidelity.md b.6)
         "decoder_finetune": Stage(trains=("decoder.",), keep_aux=False, mask="none", init=True),
     },
-    # AlignTok (wave2-spec c.3): 1 latent alignment (encoder frozen), 2 perceptual alignment (everything, + the
+    # AlignTok (docs/fidelity.md c.3): 1 latent alignment (encoder frozen), 2 perceptual alignment (everything, + the
     # semantic-preservation loss against the stage-1 model), 3 decoder refinement (the latent frozen); `scratch`
     # is the baseline: the same network, a random encoder, everything trained from step 0
     "aligntok": {
@@ -433,7 +433,7 @@ RECIPES = {
                                                                  mask_anneal_steps=500, eval_every=500,
                                                                  grid_every=500, ckpt_every=500)}},
 }
-# MacTok (wave2-spec b.6): 250K steps at batch 256, 5K warmup, lr 1e-4 and the GAN's lost values as SoftVQ, the
+# MacTok (docs/fidelity.md b.6): 250K steps at batch 256, 5K warmup, lr 1e-4 and the GAN's lost values as SoftVQ, the
 # codebase MacTok follows, configures them (start 20K, weight 0.2), center crop; 512 px: 500K steps at batch 128,
 # 10K warmup. Decoder fine-tuning: LPIPS at its full weight from the first step (no second ramp)
 _MACTOK = dict(max_steps=250_000, global_batch_size=256, lr=1e-4, warmup_steps=5000, disc_start=20_000,
@@ -451,7 +451,7 @@ for _p in ("MacTok-B-64", "MacTok-S-128", "MacTok-S-64", "MacTok-BL-128"):
 RECIPES["MacTok-BL-64-512"] = {"main": {**_MACTOK, **_MACTOK_512},
                                "decoder_finetune": {**_MACTOK_FT, "global_batch_size": 128}}
 PRESETS.update(MACTOK_PRESETS)
-# AlignTok (wave2-spec c.2-c.3, c.7): L1 + LPIPS + the PatchGAN at 0.5 x adaptive (VA-VAE); constant lr; EMA used
+# AlignTok (docs/fidelity.md c.2-c.3, c.7): L1 + LPIPS + the PatchGAN at 0.5 x adaptive (VA-VAE); constant lr; EMA used
 # for inference in stages 2 and 3 (stage 1 keeps the raw weights: decay 0, and stage 2's L_sp reference is them)
 _AT = dict(global_batch_size=64, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0, disc="patchgan",
            disc_weight=0.5, lecam_weight=0.0, cr_weight=0.0, perceptual_warmup=0, aux_targets="", crop="short_random",

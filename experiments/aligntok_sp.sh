@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# AlignTok at tiny scale (../shared/notes/wave2-spec.md c.7): does the semantic-preservation loss keep a fine-tuned
+# AlignTok at tiny scale (docs/fidelity.md c.7): does the semantic-preservation loss keep a fine-tuned
 # foundation encoder's semantics? AlignTok-tiny (32 px; the proxy classifier's stages 1-3 as the "foundation
 # encoder", an 8 x 8 x 8 latent grid, the small LDM decoder; L1 only: no VGG offline, no GAN to save time).
 # Stage 1 (400 steps, encoder frozen) -> stage 2 (400 steps, everything, w_sp 0 and 1) -> stage 3 (300 steps,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The tiny adversarial experiment (../shared/notes/wave2-spec.md a.9): the quick start's tokenizer without and
+# The tiny adversarial experiment (docs/fidelity.md a.9): the quick start's tokenizer without and
 # with the GAN (disc_start 400, weight 0.4 x adaptive, LeCAM 1e-3, CR 4, official DiffAugment), same steps.
 # No DINO weights exist offline: the frozen trunk is a second proxy CNN (seed 1, width 8), never the evaluation
 # proxy (seed 0, width 16). Run from the repo root; about 30 min on 2 cores (reuses the quick start's tokenizer

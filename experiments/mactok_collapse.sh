@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# MacTok at tiny scale (../shared/notes/wave2-spec.md b.10): does image-token masking keep a KL 1D tokenizer
+# MacTok at tiny scale (docs/fidelity.md b.10): does image-token masking keep a KL 1D tokenizer
 # from posterior collapse? MacTok-tiny (32 px, 32 tokens x 8 channels, plain ViT decoder, no GAN, no LPIPS),
 # 500 steps per run. A pilot sweep of the KL weight without masking picks beta*, the smallest weight where the
 # tokenizer collapses; at beta* it compares no masking, MacTok's random masking and the latent-token control; then,

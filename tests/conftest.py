@@ -10,7 +10,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-GOLDEN = ROOT.parent / "shared" / "golden"
+GOLDEN = ROOT / "tests" / "golden"  # conformance fixtures of the official code (tests/golden/PROVENANCE.md)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -24,7 +24,7 @@ def offline(monkeypatch):
 
 
 def golden(name):
-    """Load a conformance fixture; skip when ../shared/golden is absent, fail if NANOTOK_REQUIRE_GOLDEN=1."""
+    """Load a conformance fixture from tests/golden; skip when it is absent, fail if NANOTOK_REQUIRE_GOLDEN=1."""
     path = GOLDEN / name
     if not path.exists():
         if os.environ.get("NANOTOK_REQUIRE_GOLDEN") == "1":
@@ -34,7 +34,7 @@ def golden(name):
 
 
 def golden_tensor(key, shape):
-    """The golden weight rule v1 (../shared/golden/README.md section 1), verbatim in behaviour."""
+    """The fixtures' weight rule (tests/golden/PROVENANCE.md), verbatim in behaviour."""
     shape = tuple(int(s) for s in shape)
     g = torch.Generator().manual_seed(zlib.crc32(key.encode("utf-8")))
     last = key.rsplit(".", 1)[-1]

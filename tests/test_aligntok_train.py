@@ -1,4 +1,4 @@
-"""AlignTok's three stages through train_tokenizer.py on CPU (wave2-spec c.6): what each stage trains and freezes,
+"""AlignTok's three stages through train_tokenizer.py on CPU (docs/fidelity.md c.6): what each stage trains and freezes,
 L_sp and its adaptive weight, the PatchGAN schedule, the EMA, exact resume inside a stage, a tiny overfit."""
 import json
 import os

@@ -1,4 +1,4 @@
-"""latent_metrics.py against closed forms and constructed cases (../shared/notes/latent-metrics.md)."""
+"""latent_metrics.py against closed forms and constructed cases (docs/metrics.md)."""
 import math
 
 import numpy as np

@@ -1,5 +1,5 @@
 """released.py: official SiT, MAETok 1D SiT and LightningDiT weights through the strict loaders into diffusion.DiT,
-against the official forwards and samplers (../shared/golden, 'Diffusion backbones' section).
+against the official forwards and samplers (tests/golden/PROVENANCE.md).
 
 SiT and LightningDiT run t = 0 as noise and predict the velocity toward data: a loaded model at our t = 1 - t_official
 returns minus the official output, so every comparison below is ours(x, 1 - t) == -official(x, t)."""
