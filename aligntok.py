@@ -15,6 +15,7 @@ the conv encoder of the 2D-grid baselines.
                 Upsample = nearest x2 + 3x3 conv) -> norm_out -> swish -> conv_out; no tanh. `up.0` is the
                 full-resolution level and runs last (the official code prepends each level)
 """
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -208,6 +209,7 @@ class VAVAEConfig(PatchGrid):
     num_res_blocks: int = 2
     attn_resolutions: tuple = (16,)
     norm_groups: int = 32
+    force_upcast: bool = False    # diffusers' flag: encode and decode in fp32 whatever the caller's autocast
 
     @property
     def ldm(self):
@@ -231,16 +233,24 @@ class VAVAE(AutoencoderKL):
     grid = property(lambda self: (self.cfg.grid_size, self.cfg.grid_size))
     image_size = property(lambda self: self.cfg.image_size)
 
+    def precision(self, x):
+        """fp32 inside when the release asks for it (diffusers' force_upcast), else the caller's autocast."""
+        return torch.autocast(x.device.type, enabled=False) if self.cfg.force_upcast else nullcontext()
+
     def moments(self, x):
         """The posterior's mean and log-variance as tokens, (B, H*W, C) each (what a KL tokenizer reports)."""
-        return tuple(t.flatten(2).transpose(1, 2) for t in super().moments(x))
+        with self.precision(x):
+            x = x.float() if self.cfg.force_upcast else x
+            return tuple(t.flatten(2).transpose(1, 2) for t in super().moments(x))
 
     def encode(self, x, mask=None):
         return self.moments(x)[0]                                            # (B, H*W, C)
 
     def decode(self, z):
         g = self.cfg.grid_size
-        return super().decode(z.transpose(1, 2).unflatten(2, (g, g)))      # (B, 3, H, W)
+        with self.precision(z):
+            z = z.float() if self.cfg.force_upcast else z
+            return super().decode(z.transpose(1, 2).unflatten(2, (g, g)))  # (B, 3, H, W)
 
     def forward(self, x, mask=None, teacher=None):
         raise NotImplementedError("nanotok does not train VA-VAE (its VF loss is not here); it loads the release")

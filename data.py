@@ -461,6 +461,17 @@ def balanced_order(labels, seed=0):
     return np.lexsort((labels, keys)).tolist()
 
 
+def round_robin(labels):
+    """An order of positions that takes the classes in turn (the j-th of each class before any (j+1)-th), keeping
+    the order within a class: a prefix of a class-sorted list becomes class-stratified; labels that already
+    cycle keep their order."""
+    seen, keys = {}, []
+    for i, y in enumerate(labels):
+        keys.append((seen.get(y, 0), y, i))
+        seen[y] = seen.get(y, 0) + 1
+    return [k[2] for k in sorted(keys)]
+
+
 def balanced_subset(labels, n, seed=0):
     """n indices (all of them if n >= len), stratified by class, in ascending order."""
     return sorted(balanced_order(labels, seed)[:n])

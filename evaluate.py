@@ -478,9 +478,14 @@ def cmd_diffusability(args):
         sys.exit("error: --denoiser_ckpt belongs to one tokenizer: give one --tokenizer_ckpt with it")
     _, rank, world, device, feats = setup(args)
     _, ctx = autocast_context(args.precision, device)
-    results = [diffusability_of(path, args, rank, world, device, feats, ctx) for path in paths]
+    # every tokenizer's variants are encoded on all ranks first (the only collective part); then rank 0 measures
+    # alone, with every CPU thread (torchrun starts each rank with one), while the other ranks are already done
+    encoded = [encode_for_diffusability(path, args, rank, world, device, ctx) for path in paths]
     if rank != 0:
         return None
+    if world > 1:
+        use_all_threads()
+    results = [measure_diffusability(e, args, device, feats, ctx) for e in encoded]
     if len(paths) == 1:
         res = results[0]
         out = args.out or os.path.join(run_folder(paths[0]), "diffusability.json")
@@ -501,8 +506,8 @@ def cmd_diffusability(args):
     return results
 
 
-def diffusability_of(path, args, rank, world, device, feats, ctx):
-    """The diffusability report of one tokenizer on rank 0 (None elsewhere)."""
+def encode_for_diffusability(path, args, rank, world, device, ctx):
+    """One tokenizer, its images and its latents (every variant; encoded across ranks, on rank 0)."""
     import diffusability as dif
     from engine import load_checkpoint
     from tokenizer import from_checkpoint
@@ -514,28 +519,34 @@ def diffusability_of(path, args, rank, world, device, feats, ctx):
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     i_tr, i_va = data.balanced_subset(train.labels, args.num_train), data.balanced_subset(val.labels, args.num_val)
+    # the held-out images in class turns: the metrics that take the first n (uniformity, iFID, equivariance) see
+    # every class on a class-sorted folder such as ImageNet's, not its first classes
+    i_va = [i_va[j] for j in data.round_robin([val.labels[i] for i in i_va])]
     y_tr, y_va = (torch.tensor([s.labels[i] for i in ix]) for s, ix in ((train, i_tr), (val, i_va)))
     kl = hasattr(tok, "moments")
     variants = {"mean": False, "sample": True} if kl and args.posterior == "both" else \
         {args.posterior if kl else "mean": args.posterior == "sample" and kl}
     layout = dif.token_layout(tok, ckpt["config"])
     fg = dif.fg_tokens(val, i_va, tok, layout) if layout is not None and hasattr(val, "mask") else None
-    stats, how = dif.normalisation(ckpt, args.normalisation)
-    res = {"tokenizer": path, "family": tok.cfg.family, "latent_shape": list(tok.latent_shape),
-           "num_train": len(i_tr), "num_val": len(i_va), "normalisation": how,
-           "footprints": None if layout is None or not layout[3] else list(layout[0]),
-           "grid": None if tok.grid is None else list(tok.grid)}
-    # every variant is encoded on all ranks first (the only collective part); then rank 0 measures alone, with
-    # every CPU thread (torchrun starts each rank with one), while the other ranks are already done
     latents = {name: (dif.encode_split(tok, train, i_tr, device, ctx, rank, world, sample),
                       dif.encode_split(tok, val, i_va, device, ctx, rank, world, sample))
                for name, sample in variants.items()}
-    if rank != 0:
-        return None
-    if world > 1:
-        use_all_threads()
+    return dict(path=path, ckpt=ckpt, tok=tok, val=val, i_va=i_va, y_tr=y_tr, y_va=y_va, layout=layout, fg=fg,
+                latents=latents)
+
+
+def measure_diffusability(e, args, device, feats, ctx):
+    """The diffusability report of one encoded tokenizer (rank 0)."""
+    import diffusability as dif
+    tok, layout, val, i_va, y_tr, y_va = (e[k] for k in ("tok", "layout", "val", "i_va", "y_tr", "y_va"))
+    stats, how = dif.normalisation(e["ckpt"], args.normalisation)
+    res = {"tokenizer": e["path"], "family": tok.cfg.family, "latent_shape": list(tok.latent_shape),
+           "num_train": len(y_tr), "num_val": len(y_va), "normalisation": how,
+           "footprints": None if layout is None or not layout[3] else list(layout[0]),
+           "grid": None if tok.grid is None else list(tok.grid)}
+    latents = e["latents"]
     for name, (z_tr, z_va) in latents.items():
-        m = dif.diffusability_metrics(z_tr, y_tr, z_va, y_va, layout, fg, args, device, stats)
+        m = dif.diffusability_metrics(z_tr, y_tr, z_va, y_va, layout, e["fg"], args, device, stats)
         res.update(m) if name == "mean" else res.update(posterior_sample=m)
     z_tr, z_va = latents["mean" if "mean" in latents else "sample"]
     if args.num_ifid > 0:

@@ -450,8 +450,9 @@ def autoencoderkl_config(c):
             not c.get("use_post_quant_conv", True):
         raise ValueError(f"an AutoencoderKL config nanotok does not express (block_out_channels {bo}, block types, "
                          f"act_fn, mid-block attention or quant convs off): {c}")
-    size = c.get("sample_size", 256)
-    return VAVAEConfig(family="autoencoderkl", image_size=size[0] if isinstance(size, (list, tuple)) else size,
+    size = c.get("sample_size", 256)  # diffusers' tiling default (SDXL's VAE: 1024): nanotok feeds it 256 px at most
+    size = min(256, size[0] if isinstance(size, (list, tuple)) else size)
+    return VAVAEConfig(family="autoencoderkl", image_size=size, force_upcast=bool(c.get("force_upcast", True)),
                        patch_size=2 ** (len(bo) - 1), latent_dim=c["latent_channels"], z_channels=c["latent_channels"],
                        ch=ch, ch_mult=tuple(b // ch for b in bo), num_res_blocks=c["layers_per_block"],
                        attn_resolutions=(), norm_groups=c.get("norm_num_groups", 32))
@@ -461,7 +462,7 @@ def autoencoderkl_stats(c, C):
     """The latent normalisation of the release's own pipelines as nanotok's (mean, std): a denoiser sees
     (z - mean) / std. diffusers: z * scaling_factor (SD-VAE: 0.18215), (z - shift_factor) * scaling_factor where
     a shift is given, (z - latents_mean) * scaling_factor / latents_std where per-channel statistics are given."""
-    scale = float(c.get("scaling_factor") or 1.0)
+    scale = float(c.get("scaling_factor") or 0.18215)  # diffusers' default: the 2022 SD-VAE configs omit it
     if c.get("latents_mean") is not None and c.get("latents_std") is not None:
         mean, std = torch.tensor(c["latents_mean"]).float(), torch.tensor(c["latents_std"]).float() / scale
         how = f"(z - latents_mean) * {scale} / latents_std"

@@ -449,7 +449,7 @@ RECIPES.update({
 for _p in ("MacTok-B-64", "MacTok-S-128", "MacTok-S-64", "MacTok-BL-128"):
     RECIPES[_p] = RECIPES["MacTok-B-128"]
 RECIPES["MacTok-BL-64-512"] = {"main": {**_MACTOK, **_MACTOK_512},
-                               "decoder_finetune": {**_MACTOK_FT, "global_batch_size": 128}}
+                               "decoder_finetune": {**_MACTOK_FT, "global_batch_size": 128, "max_steps": 100_000}}
 PRESETS.update(MACTOK_PRESETS)
 # AlignTok (docs/fidelity.md c.2-c.3, c.7): L1 + LPIPS + the PatchGAN at 0.5 x adaptive (VA-VAE); constant lr; EMA used
 # for inference in stages 2 and 3 (stage 1 keeps the raw weights: decay 0, and stage 2's L_sp reference is them)

@@ -385,7 +385,7 @@ def main(argv=None):
     if ckpt is not None:
         a = ckpt["args"]  # a flag newer than the checkpoint takes its preset's recipe, else its default
         saved = {**RECIPES.get(a["preset"], {}).get(a["stage"], {}), "decay_steps": a["max_steps"], "disc": "none",
-                 **a}  # a checkpoint older than --disc trained without a GAN
+                 "beta1": 0.9, "disc_betas": None, **a}  # older checkpoints: no GAN; betas (0.9, beta2) for both
         args, ignored = engine.resume_args(p, args, explicit, saved, RESUME_FLAGS)
         cfg = config_from_dict(ckpt["config"])
         # on another world size: the same global batch, the micro-batch re-planned

@@ -53,6 +53,18 @@ def test_autoencoderkl_matches_diffusers(name, tmp_path):
     assert float(ckpt["latent_stats"]["mean"]) == 0 and abs(float(ckpt["latent_stats"]["std"]) - 1 / scale) < 1e-6
 
 
+def test_force_upcast_runs_the_vae_in_fp32_under_a_bf16_caller(tmp_path):
+    fx = golden("diffusers_autoencoderkl_small.pt")["f8c4"]
+    tok = from_checkpoint(engine.load_checkpoint(_release(tmp_path / "vae", fx["config"], fx["state_dict"])))
+    assert tok.cfg.force_upcast                                              # diffusers' default
+    with torch.no_grad():
+        ref = tok.decode(tok.encode(fx["x"]))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z = tok.encode(fx["x"])
+            got = tok.decode(z)
+    assert z.dtype == got.dtype == torch.float32 and torch.equal(got, ref)
+
+
 def test_old_attention_names_and_the_bin_format_load_the_same_model(tmp_path):
     fx = golden("diffusers_autoencoderkl_small.pt")["f8c4"]
     old = fx["state_dict_deprecated_attention_names"]
@@ -81,6 +93,10 @@ def test_a_config_nanotok_cannot_express_is_a_clear_error():
     cfg = dict(golden("diffusers_autoencoderkl_small.pt")["f8c4"]["config"], mid_block_add_attention=False)
     with pytest.raises(ValueError, match="does not express"):
         released.autoencoderkl_config(cfg)
+    stats, how = released.autoencoderkl_stats({}, 4)                         # the 2022 SD-VAE configs: no key
+    assert abs(float(stats["std"]) - 1 / 0.18215) < 1e-6
+    big = dict(golden("diffusers_autoencoderkl_small.pt")["f8c4"]["config"], sample_size=1024)
+    assert released.autoencoderkl_config(big).image_size == 256              # a tiling default, not the input size
     stats, how = released.autoencoderkl_stats({"scaling_factor": 0.3611, "shift_factor": 0.1159}, 16)
     assert abs(float(stats["mean"]) - 0.1159) < 1e-7 and abs(float(stats["std"]) - 1 / 0.3611) < 1e-6
     stats, how = released.autoencoderkl_stats({"scaling_factor": 0.5, "latents_mean": [1.0, 2.0],

@@ -146,3 +146,15 @@ def test_subsets_of_a_class_sorted_folder_cover_every_class(tmp_path):
     assert {src.labels[i] for i in te} == {0, 1, 2} == {src.labels[i] for i in tr}
     held = data.SubsetSource(src, te)
     assert len(held) == 10 and held.labels == [src.labels[i] for i in te] and held.files[0] == src.files[te[0]]
+
+
+def test_round_robin_makes_prefixes_of_a_class_sorted_list_stratified():
+    """evaluate.py diffusability takes the first n held-out images for its costlier metrics: on a class-sorted
+    folder the round-robin order puts every class in that prefix; cycling labels keep their order."""
+    from data import round_robin
+    sorted_labels = [c for c in range(5) for _ in range(4)]                   # 0 0 0 0 1 1 1 1 ...
+    order = round_robin(sorted_labels)
+    assert sorted(order) == list(range(20)) and [sorted_labels[i] for i in order[:5]] == [0, 1, 2, 3, 4]
+    assert [sorted_labels[i] for i in order[:10]].count(2) == 2
+    cycling = [i % 5 for i in range(20)]
+    assert round_robin(cycling) == list(range(20))

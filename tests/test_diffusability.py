@@ -121,9 +121,9 @@ def test_num_ifid_zero_skips_the_decoded_metrics(tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_finish_while_rank_zero_measures_slowly_and_equal_one_rank(tmp_path):
-    """All variants are encoded on every rank before rank 0 measures: with a 3 s process-group timeout and rank 0's
-    first measurement taking 6 s, no rank waits in a collective (the old order timed out in the second
-    variant's gather). The posterior-mean metrics equal one process's."""
+    """Every variant of every tokenizer is encoded on every rank before rank 0 measures: with a 3 s process-group
+    timeout and rank 0's first measurement taking 6 s, no rank waits in a collective (the old order timed out in
+    the second variant's or tokenizer's gather). The posterior-mean metrics equal one process's."""
     import os
     import subprocess
     import sys
@@ -147,11 +147,15 @@ diffusability.diffusability_metrics = slow
 import evaluate
 evaluate.main(sys.argv[1:])
 """)
+    i = common.index("--tokenizer_ckpt") + 1
+    twice = common[:i] + [f"{common[i]},{common[i]}"] + common[i + 1:]      # two tokenizers: a table of two
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
-                        str(wrapper), "diffusability", *common, "--out", str(tmp_path / "two.json")], cwd=ROOT,
+                        str(wrapper), "diffusability", *twice, "--out", str(tmp_path / "two.json")], cwd=ROOT,
                        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    two = json.load(open(tmp_path / "two.json"))
+    both = json.load(open(tmp_path / "two.json"))
+    assert len(both) == 2 and (tmp_path / "two.md").exists()
+    two = both[1]
     assert "posterior_sample" in two
     for k in ("viv_norm", "lnc", "rmsc", "sec1d_0.5", "proxy_rfid"):
         assert abs(two[k] - one[k]) < 1e-5 * max(1, abs(one[k])), (k, one[k], two[k])
