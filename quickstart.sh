@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The whole chain on the built-in data, on CPU, in about 14 minutes on 2 cores (14.0-14.6 min measured):
-#   tiny MAETok tokenizer -> proxy classifier -> latent cache -> tiny SiT -> samples -> metrics table.
-# Everything lands in $OUT (default results/quickstart). LPIPS needs the VGG16 ImageNet weights, which an offline
-# machine cannot download: the perceptual loss and the LPIPS metric are off here (pass --vgg_ckpt to turn them on).
+# The whole chain on the built-in data, on CPU, in about 18 minutes on 2 cores of a recent Xeon (each stage's time
+# is printed as it ends; docs/benchmarks.md): tiny MAETok tokenizer -> proxy classifier -> latent cache -> tiny SiT
+# -> samples -> metrics table. Everything lands in $OUT (default results/quickstart). LPIPS needs the VGG16 ImageNet
+# weights, which an offline machine cannot download: the perceptual loss and the LPIPS metric are off here.
 set -euo pipefail
 OUT=${OUT:-results/quickstart}
 mkdir -p "$OUT"

@@ -1,0 +1,78 @@
+"""The README and docs/ cannot drift from the code: every command in their bash blocks names a script that exists
+and only flags that script's argparse has, and no document depends on files outside the repository."""
+import re
+import shlex
+import subprocess
+import sys
+
+from conftest import ROOT
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+SUBCOMMANDS = {"evaluate.py"}  # scripts whose first argument chooses a parser
+
+
+def commands(path):
+    """(line, argv) of every python / torchrun / bash command in the markdown file's bash blocks."""
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", path.read_text(), flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if not line or line.startswith("#"):
+                continue
+            argv = []
+            for tok in shlex.split(line) + [";"]:  # quoted "$(... | ...)" stays one token
+                if tok in ("&&", ";", "|", "||"):
+                    if argv and argv[0] in ("python", "python3", "torchrun", "bash"):
+                        out.append((line, argv))
+                    argv = []
+                else:
+                    argv.append(tok)
+    return out
+
+
+def script_of(argv):
+    """(script, its arguments) of a command: the first .py / .sh after the launcher's own flags."""
+    for i, a in enumerate(argv[1:], 1):
+        if a.endswith((".py", ".sh")):
+            return a, argv[i + 1:]
+    return None, []
+
+
+def test_every_documented_command_uses_existing_scripts_and_flags():
+    helps, checked = {}, 0
+    for doc in DOCS:
+        for line, argv in commands(doc):
+            script, args = script_of(argv)
+            if script is None:                                                # python -m pytest, python -c
+                continue
+            assert (ROOT / script).exists(), f"{doc.name}: {line}: no {script}"
+            if script.endswith(".sh"):
+                text = (ROOT / script).read_text()
+                assert all(f in text for f in args if f.startswith("--")), f"{doc.name}: {line}"
+                continue
+            head = [script] + (args[:1] if script in SUBCOMMANDS and args else [])
+            key = " ".join(head)
+            if key not in helps:
+                r = subprocess.run([sys.executable, *head, "--help"], cwd=ROOT, capture_output=True, text=True,
+                                   timeout=120)
+                assert r.returncode == 0, f"{key} --help: {r.stderr[-500:]}"
+                helps[key] = set(re.findall(r"--[a-z0-9_]+", r.stdout))
+            for flag in (a.split("=")[0] for a in args if a.startswith("--")):
+                assert flag in helps[key], f"{doc.name}: `{line}`: {key} has no {flag}"
+            checked += 1
+    assert checked > 20
+
+
+def test_no_document_or_code_depends_on_files_outside_the_repository():
+    files = DOCS + [*ROOT.glob("*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("experiments/*"), ROOT / "quickstart.sh",
+                    *ROOT.glob("scripts/*")]
+    bad = [f.name for f in files if f.name != "test_docs.py" and re.search(r"\.\./shared|wave2-spec", f.read_text())]
+    assert not bad, bad
+
+
+def test_readme_is_a_front_page():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.split()) <= 2500
+    lines = text.splitlines()[:80]
+    for heading in ("## Install", "## Quick start", "## Tests"):
+        assert heading in lines, heading
