@@ -17,8 +17,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from engine import (PRECISION_HELP, PRECISIONS, autocast_context, check_shared_folder, find_checkpoint,
-                    load_checkpoint, setup_distributed)
+import released
+from engine import PRECISION_HELP, PRECISIONS, autocast_context, check_shared_folder, setup_distributed
 from tokenizer import comparable_config, from_checkpoint
 
 
@@ -48,8 +48,8 @@ def main(argv=None):
     args = parse_args(argv)
     ddp, rank, world, _, device = setup_distributed()
     _, ctx = autocast_context(args.precision, device)
-    ckpt_path = find_checkpoint(args.tokenizer_ckpt)
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt_path = released.locate(args.tokenizer_ckpt)
+    ckpt = released.load(ckpt_path)
     tok = from_checkpoint(ckpt).to(device)
     size, (L, C) = tok.image_size, tok.latent_shape
     try:

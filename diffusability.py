@@ -23,7 +23,8 @@ import data
 import latent_metrics as lm
 import mactok
 from diffusion import DiT, DiTConfig, Transport, guided_velocity
-from engine import gather_to_rank0, load_checkpoint
+import released
+from engine import gather_to_rank0
 
 
 def encode_split(tok, src, idx, device, ctx, rank, world, sample=False, batch_size=128):
@@ -151,7 +152,7 @@ def diffusability_decoded(tok, z_tr, z_va, val, i_va, feats, device, ctx, args):
 
 def trajectory_report(args, device, ctx):
     """ODE trajectory metrics of a trained denoiser: Euler, 50 steps, no CFG (the paper's), balanced labels."""
-    ck = load_checkpoint(args.denoiser_ckpt)
+    ck = released.load(args.denoiser_ckpt)
     model = DiT(DiTConfig(**ck["config"])).to(device).eval()
     model.load_state_dict(ck["ema"])
     c = model.cfg

@@ -1,7 +1,8 @@
 """
 The run machinery every nanotok script shares: device and DDP setup (NCCL on GPU, gloo on CPU), autocast, the
 numbered run folder with log.txt / metrics.jsonl, atomic checkpoints (find / load / rotate), EMA, RNG state,
-the resume merge of flags, the step-indexed data stream and the gradient-accumulation step.
+the resume merge of flags, the step-indexed data stream and the gradient-accumulation step. It reads nanotok's
+own checkpoints; released.py decides what any other checkpoint file is.
 
 Model files hold modules and math; scripts hold their loop; this file holds what the loops have in common.
 """
@@ -18,7 +19,6 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-import released
 
 # ----------------------------------------------------------------------------------------------------------
 # devices and precision
@@ -145,8 +145,8 @@ def cosine_lr(step, peak, warmup, horizon, min_ratio):
 # checkpoints
 
 def find_checkpoint(path):
-    """A checkpoint file, the newest checkpoints/*.pt of a run folder, or an official release (released.py)."""
-    if os.path.isfile(path) or released.release_files(path):
+    """A checkpoint file, or the newest checkpoints/*.pt of a run folder (official releases: released.locate)."""
+    if os.path.isfile(path):
         return path
     ckpts = sorted(glob.glob(os.path.join(path, "checkpoints", "*.pt")))
     if not ckpts:
@@ -155,29 +155,12 @@ def find_checkpoint(path):
 
 
 def load_checkpoint(path):
-    """A nanotok checkpoint dict; an official release (config.json + weights) is converted to one."""
-    if released.release_files(path):
-        try:
-            return released.load_release(path)
-        except (KeyError, ValueError, OSError) as e:
-            sys.exit(f"error: cannot read the release {path!r}: {e}")
+    """What a checkpoint file (or a run folder's newest) holds, read with weights_only; a clear error if it cannot be
+    read. This knows nanotok's files only: released.load also converts the official releases."""
     try:
-        ckpt = torch.load(find_checkpoint(path), map_location="cpu", weights_only=True)
+        return torch.load(find_checkpoint(path), map_location="cpu", weights_only=True)
     except Exception as e:
         sys.exit(f"error: cannot read checkpoint {path!r} ({type(e).__name__}: {e}); is it a nanotok checkpoint?")
-    if not (isinstance(ckpt, dict) and "args" in ckpt):  # not ours: an official SiT / LightningDiT file?
-        sd = released.unwrap_denoiser(ckpt)
-        if released.denoiser_kind(sd) is not None:
-            try:
-                return released.denoiser_checkpoint(sd, find_checkpoint(path))
-            except (KeyError, ValueError) as e:
-                sys.exit(f"error: cannot convert the official denoiser {path!r}: {e}")
-        try:
-            if released.vavae_state(ckpt) is not None:
-                return released.vavae_checkpoint(ckpt, find_checkpoint(path))
-        except (KeyError, ValueError) as e:
-            sys.exit(f"error: cannot convert the VA-VAE file {path!r}: {e}")
-    return ckpt
 
 
 def save_checkpoint(state, path):

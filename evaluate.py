@@ -335,11 +335,12 @@ def cmd_gen(args):
 
 @torch.no_grad()
 def cmd_recon(args):
-    from engine import autocast_context, load_checkpoint
+    from engine import autocast_context
+    from released import load
     from tokenizer import from_checkpoint
     ddp, rank, world, device, feats = setup(args)
     _, ctx = autocast_context(args.precision, device)
-    tok = from_checkpoint(load_checkpoint(args.ckpt), ema=not args.raw).to(device)
+    tok = from_checkpoint(load(args.ckpt), ema=not args.raw).to(device)
     try:
         src = data.build_source(args.data_path, tok.image_size, "val", args.num_images)
     except (FileNotFoundError, ValueError) as e:
@@ -406,7 +407,7 @@ def encode_labeled(tok, src, idx, device, batch_size=256):
 def cmd_latent(args):
     """Probes on held-out latents: the linear probe and the GMM NLL are fitted on one class-stratified part and
     measured on the other (the built-in data: its train and val splits)."""
-    from engine import load_checkpoint
+    from released import load
     from tokenizer import from_checkpoint
     _, rank, _, device, _ = setup(args)
     if args.cache_path:  # cached (unflipped) latents
@@ -417,7 +418,7 @@ def cmd_latent(args):
         tr, te = data.stratified_split(y.tolist())
         (z_tr, y_tr), (z_te, y_te) = (z[tr], y[tr]), (z[te], y[te])
     else:
-        tok = from_checkpoint(load_checkpoint(args.ckpt)).to(device)
+        tok = from_checkpoint(load(args.ckpt)).to(device)
         try:
             src = data.build_source(args.data_path, tok.image_size, "train", args.num_images)
             val = data.build_source(args.data_path, tok.image_size, "val", args.num_images // 4) \
@@ -509,9 +510,9 @@ def cmd_diffusability(args):
 def encode_for_diffusability(path, args, rank, world, device, ctx):
     """One tokenizer, its images and its latents (every variant; encoded across ranks, on rank 0)."""
     import diffusability as dif
-    from engine import load_checkpoint
+    from released import load
     from tokenizer import from_checkpoint
-    ckpt = load_checkpoint(path)
+    ckpt = load(path)
     tok = from_checkpoint(ckpt).to(device).eval()
     try:
         train = data.build_source(args.train_path or args.data_path, tok.image_size, "train", args.num_train)

@@ -28,10 +28,12 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import asdict
 
 import torch
 
+import engine
 from diffusion import DiT, DiTConfig, rope_table, sincos_pos_embed
 from tokenizer import build, make_config
 
@@ -191,6 +193,39 @@ def maetok_from_official(sd, model_args, heads=None):
     if "encoder.mask_token" not in sd:  # enc_token_drop = 0: the encoder never masks; nanotok's token stays 0
         out["encoder.mask_token"] = torch.zeros(own["encoder.mask_token"].shape)
     return cfg, strict_map(out, own, "official MAETok file", "nanotok's MAETok")
+
+
+def locate(path):
+    """The file or folder a checkpoint path names: an official release as it is, else a nanotok checkpoint file
+    or a run folder's newest (engine.find_checkpoint)."""
+    return path if release_files(path) else engine.find_checkpoint(path)
+
+
+def load(path):
+    """Any checkpoint as a nanotok checkpoint dict, the one place that decides what a file is: nanotok's own
+    (train_tokenizer.py / train_diffusion.py runs), an official release folder or weight file with config.json
+    (MAETok, MAETok's SiT, diffusers AutoencoderKL), an official SiT / LightningDiT file or a VA-VAE file."""
+    if release_files(path):
+        try:
+            return load_release(path)
+        except (KeyError, ValueError, OSError) as e:
+            sys.exit(f"error: cannot read the release {path!r}: {e}")
+    ckpt = engine.load_checkpoint(path)
+    if isinstance(ckpt, dict) and "args" in ckpt:                            # nanotok's own
+        return ckpt
+    file = engine.find_checkpoint(path)
+    sd = unwrap_denoiser(ckpt)
+    if denoiser_kind(sd) is not None:
+        try:
+            return denoiser_checkpoint(sd, file)
+        except (KeyError, ValueError) as e:
+            sys.exit(f"error: cannot convert the official denoiser {path!r}: {e}")
+    try:
+        if vavae_state(ckpt) is not None:
+            return vavae_checkpoint(ckpt, file)
+    except (KeyError, ValueError) as e:
+        sys.exit(f"error: cannot convert the VA-VAE file {path!r}: {e}")
+    return ckpt
 
 
 def load_release(path):

@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 import data
 from diffusion import DiT, DiTConfig, Transport, guided_velocity
-from engine import (PRECISION_HELP, PRECISIONS, autocast_context, check_shared_folder, find_checkpoint,
-                    load_checkpoint, setup_distributed)
+import released
+from engine import PRECISION_HELP, PRECISIONS, autocast_context, check_shared_folder, setup_distributed
 from tokenizer import from_checkpoint
 
 
@@ -87,19 +87,19 @@ def read_latent_stats(spec):
 
 def load(args, device):
     """The denoiser, latent statistics and tokenizer of a diffusion checkpoint or a released denoiser."""
-    ckpt = load_checkpoint(args.ckpt)
-    released = ckpt.get("released_kind")
-    if "latent_stats" not in ckpt and not released:
+    ckpt = released.load(args.ckpt)
+    kind = ckpt.get("released_kind")
+    if "latent_stats" not in ckpt and not kind:
         sys.exit(f"error: {args.ckpt!r} is not a diffusion checkpoint (no latent statistics); "
                  f"sample.py needs a train_diffusion.py run or a released SiT / LightningDiT")
     model = DiT(DiTConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"] if args.raw else ckpt["ema"])
     tok_path = args.tokenizer_ckpt or ckpt.get("tokenizer_ckpt")
     if tok_path is None:
-        sys.exit(f"error: {args.ckpt!r} is a released {released} without its tokenizer; pass --tokenizer_ckpt")
+        sys.exit(f"error: {args.ckpt!r} is a released {kind} without its tokenizer; pass --tokenizer_ckpt")
     if not os.path.exists(tok_path):
         sys.exit(f"error: tokenizer checkpoint {tok_path!r} not found; pass it with --tokenizer_ckpt")
-    tok_ckpt = load_checkpoint(tok_path)
+    tok_ckpt = released.load(tok_path)
     tok = from_checkpoint(tok_ckpt)
     if tuple(tok.latent_shape) != (model.cfg.num_tokens, model.cfg.in_channels):
         sys.exit(f"error: tokenizer {tok_path!r} makes {tuple(tok.latent_shape)} latents, the denoiser expects "
@@ -107,11 +107,11 @@ def load(args, device):
     stats = read_latent_stats(args.latent_stats) if args.latent_stats else (
         ckpt.get("latent_stats") or tok_ckpt.get("latent_stats"))
     if stats is None:
-        sys.exit(f"error: no latent statistics for the released {released}: pass --latent_stats (LightningDiT: its "
+        sys.exit(f"error: no latent statistics for the released {kind}: pass --latent_stats (LightningDiT: its "
                  f"latents_stats.pt; SiT-XL/2 on SD-VAE latents: 0,5.4915 = 1 / 0.18215)")
     if args.guide_channels is None:
         args.guide_channels = ckpt.get("guide_channels")
-    args.released = bool(released)
+    args.released = bool(kind)
     return model.eval().to(device), tok.to(device), stats["mean"].to(device), stats["std"].to(device)
 
 
@@ -139,7 +139,7 @@ def main(argv=None):
     if K and any(not 0 <= y < K for y in args.classes):
         sys.exit(f"error: --classes {args.classes}: this model has classes 0..{K - 1}")
     run_dir = (os.getcwd() if args.released  # a release: outputs in the working directory, not in its folder
-               else os.path.dirname(os.path.dirname(os.path.abspath(find_checkpoint(args.ckpt)))))
+               else os.path.dirname(os.path.dirname(os.path.abspath(released.locate(args.ckpt)))))
     tag = f"{args.sampler}{args.num_steps}-cfg{args.cfg_scale}"
     if args.num_samples == 0:  # a grid: rows are classes, columns seeds
         if rank == 0:

@@ -520,11 +520,10 @@ def comparable_config(d):
 
 def from_checkpoint(ckpt, ema=True):
     """A trained tokenizer of any family (aux decoders dropped), frozen in eval mode, from a train_tokenizer.py
-    checkpoint dict or path (run folder, checkpoint file, or an official release that released.py converts): EMA
+    checkpoint dict (released.load reads any path: run folder, checkpoint file, or an official release): EMA
     weights by default, or a released-style dict holding only `ema`."""
-    if isinstance(ckpt, str):
-        import engine  # lazy: engine -> released -> tokenizer
-        ckpt = engine.load_checkpoint(ckpt)
+    if not isinstance(ckpt, dict):
+        raise TypeError(f"from_checkpoint takes a checkpoint dict; read a path with released.load({ckpt!r})")
     cfg = config_from_dict(ckpt["config"])
     cfg = replace(cfg, **TRAIN_ONLY[cfg.family])
     sd = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]

@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 import data
 import engine
+import released
 from diffusion import PRESETS, DiT, DiTConfig, Transport, guided_velocity, make_config, recipe
-from engine import find_checkpoint, load_checkpoint
 from tokenizer import comparable_config, from_checkpoint
 
 RESUME_FLAGS = ("max_steps", "log_every", "ckpt_every", "grid_every", "num_workers", "compile",
@@ -72,7 +72,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     explicit, ckpt = engine.explicit_flags(p, argv), None
     if args.resume:  # defaults, then the checkpoint's args, then the explicit run-length flags
-        ckpt = load_checkpoint(args.resume)
+        ckpt = released.load(args.resume)
         args, ignored = engine.resume_args(p, args, explicit, ckpt["args"], RESUME_FLAGS)
         if ignored:
             print(f"resume: ignored {', '.join('--' + k for k in ignored)} (restored from the checkpoint)")
@@ -145,7 +145,7 @@ def main(argv=None):
     # ---- data: a latent cache, or images encoded on the fly. Errors come before any work
     tok, tok_cfg = None, None
     if args.tokenizer_ckpt:
-        tok_ckpt = load_checkpoint(args.tokenizer_ckpt)
+        tok_ckpt = released.load(args.tokenizer_ckpt)
         tok, tok_cfg = from_checkpoint(tok_ckpt).to(device), comparable_config(tok_ckpt["config"])
     try:
         if args.cache_path:
@@ -155,7 +155,7 @@ def main(argv=None):
             num_classes, (L, C) = train_ds.meta["num_classes"], train_ds.meta["latent_shape"]
             tok_cfg = train_ds.meta["tokenizer_config"]
             if tok is None and os.path.exists(train_ds.meta["tokenizer_ckpt"]):  # for the picture grids
-                tok = from_checkpoint(load_checkpoint(train_ds.meta["tokenizer_ckpt"])).to(device)
+                tok = from_checkpoint(released.load(train_ds.meta["tokenizer_ckpt"])).to(device)
         else:
             size = tok.image_size
             src = data.build_source(args.data_path, size, "train", args.builtin_size)
@@ -223,7 +223,7 @@ def main(argv=None):
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step,
             "config": asdict(cfg), "args": vars(args), "latent_stats": {"mean": stats[0].cpu(), "std": stats[1].cpu()},
             "tokenizer_config": tok_cfg,
-            "tokenizer_ckpt": (os.path.abspath(find_checkpoint(args.tokenizer_ckpt)) if args.tokenizer_ckpt
+            "tokenizer_ckpt": (os.path.abspath(released.locate(args.tokenizer_ckpt)) if args.tokenizer_ckpt
                                else train_ds.meta["tokenizer_ckpt"])}, step, args.keep_checkpoints, device)
 
     stream = engine.step_batches(train_ds, step, steps_per_epoch, accum, micro, args.seed, rank, world,

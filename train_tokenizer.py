@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 import data
 import engine
+import released
 from aligntok import semantic_preservation
 from discriminator import (Discriminator, GANLoss, NLayerDiscriminator, ProxyDiscTrunk, dino_discriminator,
                            load_dino_disc_trunk)
@@ -235,7 +236,7 @@ def init_aligntok_decoder(model, path):
     """--decoder_ckpt: post_quant_conv + the LDM decoder from a VA-VAE file (the official names are ours)."""
     parts = ("decoder.", "post_quant_conv.")
     own = {k: v.shape for k, v in model.state_dict().items() if k.startswith(parts)}
-    got = {k: v for k, v in engine.load_checkpoint(path)["model"].items() if k.startswith(parts)}
+    got = {k: v for k, v in released.load(path)["model"].items() if k.startswith(parts)}
     bad = sorted(set(own) ^ set(got)) + [k for k in own if k in got and got[k].shape != own[k]]
     if bad:
         sys.exit(f"error: --decoder_ckpt {path!r} does not hold this decoder (e.g. {bad[:3]}): AlignTok-L-f16d32 "
@@ -380,7 +381,7 @@ def main(argv=None):
 
     # ---- flags and config. Resume: defaults, then the checkpoint's args, then explicit run-length flags.
     # A later stage: the preset (and config) of the run it continues, with that stage's recipe
-    ckpt = engine.load_checkpoint(args.resume) if args.resume else None
+    ckpt = released.load(args.resume) if args.resume else None
     init, ignored, replanned = None, [], None
     if ckpt is not None:
         a = ckpt["args"]  # a flag newer than the checkpoint takes its preset's recipe, else its default
@@ -394,7 +395,7 @@ def main(argv=None):
         if args.decay_steps != saved["decay_steps"]:
             replanned = (saved["decay_steps"], args.decay_steps)
     elif args.init_from is not None:  # a later stage: the preset and config of the run it continues
-        init = engine.load_checkpoint(args.init_from)
+        init = released.load(args.init_from)
         args.preset = init["args"].get("preset", args.preset)                # named after what it fine-tunes
         family = config_from_dict(init["config"]).family
         if family not in STAGES:

@@ -3,6 +3,8 @@ and the real f16d32 key list; the PatchGAN discriminator's size."""
 import pytest
 import torch
 
+import released
+
 from aligntok import VAVAE_F16D32, AutoencoderKL, LDMConfig
 from conftest import golden, golden_tensor
 
@@ -129,7 +131,7 @@ def test_vavae_lightning_file_loads_as_a_tokenizer(tmp_path):
     ckpt = released.vavae_checkpoint(torch.load(path, weights_only=True), str(path), image_size=8)
     assert ckpt["config"]["attn_resolutions"] == (4,) and ckpt["config"]["patch_size"] == 2
     import engine
-    via = engine.load_checkpoint(str(path))                                 # what every script's --ckpt reads
+    via = released.load(str(path))                                 # what every script's --ckpt reads
     assert via["config"]["image_size"] == 256 and via["released"] == str(path)  # the release is 256 px
     assert all(torch.equal(via["model"][k], ckpt["model"][k]) for k in ckpt["model"])
     tok = tokenizer.from_checkpoint(ckpt)

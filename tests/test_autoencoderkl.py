@@ -35,7 +35,7 @@ def _release(folder, config, sd, fmt="safetensors"):
 @pytest.mark.parametrize("name", ["f8c4", "f16c8"])
 def test_autoencoderkl_matches_diffusers(name, tmp_path):
     fx = golden("diffusers_autoencoderkl_small.pt")[name]
-    ckpt = engine.load_checkpoint(_release(tmp_path / name, fx["config"], fx["state_dict"]))
+    ckpt = released.load(_release(tmp_path / name, fx["config"], fx["state_dict"]))
     tok = from_checkpoint(ckpt)
     assert isinstance(tok, VAVAE) and tok.cfg.family == "autoencoderkl"
     x = fx["x"]
@@ -55,7 +55,7 @@ def test_autoencoderkl_matches_diffusers(name, tmp_path):
 
 def test_force_upcast_runs_the_vae_in_fp32_under_a_bf16_caller(tmp_path):
     fx = golden("diffusers_autoencoderkl_small.pt")["f8c4"]
-    tok = from_checkpoint(engine.load_checkpoint(_release(tmp_path / "vae", fx["config"], fx["state_dict"])))
+    tok = from_checkpoint(released.load(_release(tmp_path / "vae", fx["config"], fx["state_dict"])))
     assert tok.cfg.force_upcast                                              # diffusers' default
     with torch.no_grad():
         ref = tok.decode(tok.encode(fx["x"]))
@@ -69,7 +69,7 @@ def test_old_attention_names_and_the_bin_format_load_the_same_model(tmp_path):
     fx = golden("diffusers_autoencoderkl_small.pt")["f8c4"]
     old = fx["state_dict_deprecated_attention_names"]
     assert any(".query." in k for k in old)
-    tok = from_checkpoint(engine.load_checkpoint(_release(tmp_path / "old", fx["config"], old, fmt="bin")))
+    tok = from_checkpoint(released.load(_release(tmp_path / "old", fx["config"], old, fmt="bin")))
     with torch.no_grad():
         _close(tok.decode(tok.encode(fx["x"])), fx["reconstruction"])
 

@@ -77,3 +77,34 @@ def test_readme_is_a_front_page():
     lines = text.splitlines()[:80]
     for heading in ("## Install", "## Quick start", "## Tests"):
         assert heading in lines, heading
+
+
+def test_the_modules_import_each_other_without_a_cycle():
+    """Every import between the project's modules, at the top or inside a function, forms a graph without cycles;
+    and no script imports another script."""
+    import ast
+    modules = {p.stem: p for p in ROOT.glob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                deps.add(node.module.split(".")[0])
+        graph[name] = sorted(d for d in deps if d in modules and d != name)
+    scripts = {"train_tokenizer", "train_diffusion", "cache_latents", "sample", "evaluate", "study", "bench",
+               "proxy"}
+    assert not [(m, d) for m in scripts for d in graph[m] if d in scripts - {"proxy"}], graph
+    state = {}
+
+    def visit(m, stack):
+        state[m] = "open"
+        for d in graph[m]:
+            assert state.get(d) != "open", f"import cycle: {' -> '.join(stack + [m, d])}"
+            if d not in state:
+                visit(d, stack + [m])
+        state[m] = "done"
+    for m in graph:
+        if m not in state:
+            visit(m, [])

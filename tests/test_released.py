@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import released
 from conftest import golden, golden_tensor
 from released import maetok_from_official, maetok_to_official
 from tokenizer import build, config_from_dict, make_config
@@ -96,15 +97,15 @@ def test_release_folder_round_trip_through_every_script(tmp_path):
     json.dump({"image_size": 32, "enc_patch_size": 4, "use_rope": True, "rope_mixed": True, "rope_theta": 10.0,
                "use_ape": False, "dec_cls_token": False, "enc_token_drop": 0.4, "enc_token_drop_max": 0.6,
                "to_pixel": "linear", "enc_type": "vit"}, open(rel / "config.json", "w"))
-    ck = engine.load_checkpoint(str(rel))
+    ck = released.load(str(rel))
     back = build(config_from_dict(ck["config"])).eval()
     back.load_state_dict(ck["ema"], strict=True)
     assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
-    assert ck["released"].endswith("model.safetensors") and engine.find_checkpoint(str(rel)) == str(rel)
+    assert ck["released"].endswith("model.safetensors") and released.locate(str(rel)) == str(rel)
     from tokenizer import from_checkpoint
     with torch.no_grad():
         x = torch.rand(2, 3, 32, 32) * 2 - 1
-        assert torch.equal(from_checkpoint(str(rel)).decode(model.encode(x)), model.decode(model.encode(x)))
+        assert torch.equal(from_checkpoint(released.load(str(rel))).decode(model.encode(x)), model.decode(model.encode(x)))
     import evaluate
     from dataclasses import asdict
     from proxy import ProxyConfig, ProxyNet
@@ -127,6 +128,6 @@ def test_not_a_release_is_a_clear_error(tmp_path):
     torch.save({"foo": torch.zeros(1)}, rel / "pytorch_model.bin")
     json.dump({}, open(rel / "config.json", "w"))
     with pytest.raises(SystemExit, match="neither an official MAETok file"):
-        engine.load_checkpoint(str(rel))
+        released.load(str(rel))
     with pytest.raises(ValueError, match="without RoPE-mixed"):
         maetok_from_official({}, {"use_rope": False})

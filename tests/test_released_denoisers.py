@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import engine
+import released
 from conftest import golden, golden_tensor
 from diffusion import DiT, DiTConfig, Transport, guided_velocity
 from released import denoiser_config, denoiser_from_official, denoiser_key, denoiser_kind
@@ -124,7 +125,7 @@ def test_maetok_sit_hub_folder_loads_through_the_checkpoint_reader(tmp_path):
     save_file(sd, str(tmp_path / "model.safetensors"))
     hub = {k: v for k, v in fx["config"].items() if isinstance(v, (int, float, bool, str, list))}
     (tmp_path / "config.json").write_text(json.dumps(hub))
-    ckpt = engine.load_checkpoint(str(tmp_path))
+    ckpt = released.load(str(tmp_path))
     assert ckpt["released_kind"] == "maetok_sit" and ckpt["guide_channels"] is None
     model = DiT(DiTConfig(**ckpt["config"])).eval()
     model.load_state_dict(ckpt["ema"])
