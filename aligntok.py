@@ -223,7 +223,7 @@ class VAVAE(AutoencoderKL):
     the posterior mean as (B, H*W, C) on its grid (the official extract_features.py caches a posterior sample;
     nanotok caches means, DESIGN.md), decode takes the grid back to NCHW."""
 
-    TRAIN_ONLY = ()
+    TRAIN_ONLY_PARAMS = ()
 
     def __init__(self, cfg: VAVAEConfig):
         super().__init__(cfg.ldm, embed_dim=cfg.latent_dim)
@@ -325,7 +325,7 @@ class AlignTok(nn.Module):
     post_quant_conv -> LDM decoder. forward: the L1 reconstruction term (the trainer adds LPIPS, the GAN and the
     semantic-preservation term)."""
 
-    TRAIN_ONLY = ()
+    TRAIN_ONLY_PARAMS = ()
 
     def __init__(self, cfg: AlignTokConfig):
         super().__init__()
@@ -395,4 +395,47 @@ PRESETS = {
     # (ch 32, ch_mult (1, 2, 2), 2 res-blocks, attention at 8 x 8)
     "AlignTok-tiny": dict(family="aligntok", image_size=32, patch_size=4, encoder="proxy", enc_dim=64,
                           adapter_hidden=64, latent_dim=8, dec_ch=32, dec_ch_mult=(1, 2, 2), dec_attn=(8,)),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training stages (tokenizer.Stage fields), what inference drops, and the recipes of the presets
+
+# 1 latent alignment (encoder frozen), 2 perceptual alignment (everything, + the semantic-preservation loss against
+# the stage-1 model), 3 decoder refinement (the latent frozen); `scratch` is the baseline: the same network, a
+# random encoder, everything trained from step 0 (docs/fidelity.md c.3)
+STAGES = {
+    "align": dict(trains=("adapter.", "post_quant_conv.", "decoder."), keep_aux=True, mask="none", init=False),
+    "perceptual": dict(trains=("",), keep_aux=True, mask="none", init=True),
+    "decoder": dict(trains=("post_quant_conv.", "decoder."), keep_aux=True, mask="none", init=True),
+    "scratch": dict(trains=("",), keep_aux=True, mask="none", init=False),
+}
+INFERENCE_CONFIG = dict()  # nothing of AlignTok (or of VA-VAE / AutoencoderKL releases) is training-only
+# docs/fidelity.md c.2-c.3, c.7: L1 + LPIPS + the PatchGAN at 0.5 x adaptive (VA-VAE); constant lr; EMA used
+# for inference in stages 2 and 3 (stage 1 keeps the raw weights: decay 0, and stage 2's L_sp reference is them)
+_AT = dict(global_batch_size=64, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0, disc="patchgan",
+           disc_weight=0.5, lecam_weight=0.0, cr_weight=0.0, perceptual_warmup=0, aux_targets="", crop="short_random",
+           beta1=0.5, beta2=0.9, disc_betas="0.5,0.9")  # VA-VAE's Adam for G and D; short side 256 + a random crop
+_AT_TINY = dict(global_batch_size=64, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0, disc="none",
+                perceptual_weight=0.0, aux_targets="", log_every=50, grid_every=-1, eval_images=500)
+RECIPES = {
+    "AlignTok-L-f16d32": {"align": {**_AT, "max_steps": 120_000, "lr": 1e-4, "disc_start": 5000, "ema_decay": 0.0},
+                          "perceptual": {**_AT, "max_steps": 220_000, "lr": 1e-5, "disc_start": 0,
+                                         "ema_decay": 0.9999, "sp_weight": 1.0},
+                          "decoder": {**_AT, "max_steps": 100_000, "lr": 1e-4, "disc_start": 0, "ema_decay": 0.9999},
+                          "scratch": {**_AT, "max_steps": 120_000, "lr": 1e-4, "disc_start": 5000, "ema_decay": 0.9999}},
+    # the 64-channel variant: 6 / 17 / 11 epochs at batch 64 (20K steps an epoch)
+    "AlignTok-L-f16d64": {"align": {**_AT, "max_steps": 120_000, "lr": 1e-4, "disc_start": 5000, "ema_decay": 0.0},
+                          "perceptual": {**_AT, "max_steps": 340_000, "lr": 1e-5, "disc_start": 0,
+                                         "ema_decay": 0.9999, "sp_weight": 1.0},
+                          "decoder": {**_AT, "max_steps": 220_000, "lr": 1e-4, "disc_start": 0, "ema_decay": 0.9999},
+                          "scratch": {**_AT, "max_steps": 120_000, "lr": 1e-4, "disc_start": 5000, "ema_decay": 0.9999}},
+    "AlignTok-tiny": {"align": {**_AT_TINY, "max_steps": 400, "lr": 1e-3, "ema_decay": 0.0, "eval_every": 400,
+                                "ckpt_every": 400},
+                      "perceptual": {**_AT_TINY, "max_steps": 400, "lr": 1e-4, "ema_decay": 0.99, "sp_weight": 1.0,
+                                     "eval_every": 400, "ckpt_every": 400},
+                      "decoder": {**_AT_TINY, "max_steps": 300, "lr": 1e-3, "ema_decay": 0.99, "eval_every": 300,
+                                  "ckpt_every": 300},
+                      "scratch": {**_AT_TINY, "max_steps": 1100, "lr": 1e-3, "ema_decay": 0.99, "eval_every": 1100,
+                                  "ckpt_every": 1100}},
 }

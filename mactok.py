@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from maetok import TINY_RECIPE  # the CPU recipe MacTok-tiny shares with MAETok's tiny preset
 from pretrained import DinoViT, ViTConfig
 from vit import Block, PatchGrid, grid_positions, unpatchify
 
@@ -158,7 +159,7 @@ class MacTokDecoder(nn.Module):
 
 
 class MacTok(nn.Module):
-    TRAIN_ONLY = ("align.", "latent_mask_token")  # dropped from released-style checkpoints and stage 2
+    TRAIN_ONLY_PARAMS = ("align.", "latent_mask_token")  # dropped from released-style checkpoints and stage 2
 
     def __init__(self, cfg: MacTokConfig):
         super().__init__()
@@ -344,3 +345,32 @@ PRESETS = {
                         dec_width=160, dec_depth=2, dec_heads=4, num_latent_tokens=32, latent_dim=8,
                         layerscale_init=0.1, encoder_init="scratch", align_hidden=256, teacher_dim=256),
 }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training stages (tokenizer.Stage fields), what inference drops, and the recipes of the presets
+
+STAGES = {
+    "main": dict(trains=("",), keep_aux=True, mask="drawn", init=False),
+    # paper: encoder frozen, decoder trained without masks; the KL and the alignment heads go (constant or
+    # unused once the encoder is frozen), z is still sampled from the posterior (docs/fidelity.md b.6)
+    "decoder_finetune": dict(trains=("decoder.",), keep_aux=False, mask="none", init=True),
+}
+INFERENCE_CONFIG = dict(align=(), kl_weight=0.0, mask_tokens="none")
+# 250K steps at batch 256, 5K warmup, lr 1e-4 and the GAN's lost values as SoftVQ, the codebase MacTok follows,
+# configures them (start 20K, weight 0.2), center crop; 512 px: 500K steps at batch 128, 10K warmup. Decoder
+# fine-tuning: LPIPS at its full weight from the first step (no second ramp). docs/fidelity.md b.6
+_MACTOK = dict(max_steps=250_000, global_batch_size=256, lr=1e-4, warmup_steps=5000, disc_start=20_000,
+               disc_weight=0.2, aux_targets="", crop="center")
+_MACTOK_FT = dict(max_steps=50_000, global_batch_size=256, lr=1e-4, warmup_steps=0, min_lr_ratio=1.0, disc_start=0,
+                  disc_weight=0.2, perceptual_warmup=0, aux_targets="", crop="center")
+_MACTOK_512 = dict(max_steps=500_000, global_batch_size=128, warmup_steps=10_000)
+RECIPES = {
+    "MacTok-B-128": {"main": _MACTOK, "decoder_finetune": _MACTOK_FT},
+    "MacTok-tiny": {"main": {**TINY_RECIPE, "aux_targets": "", "teacher": "none"},
+                    "decoder_finetune": {**TINY_RECIPE, "aux_targets": "", "max_steps": 500, "warmup_steps": 20}},
+    "MacTok-BL-64-512": {"main": {**_MACTOK, **_MACTOK_512},
+                         "decoder_finetune": {**_MACTOK_FT, "global_batch_size": 128, "max_steps": 100_000}},
+}
+for _p in ("MacTok-B-64", "MacTok-S-128", "MacTok-S-64", "MacTok-BL-128"):
+    RECIPES[_p] = RECIPES["MacTok-B-128"]

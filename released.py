@@ -77,10 +77,10 @@ AUX_NAMES = {"hog": "hog", "dino": "dinov2", "clip": "siglip"}    # official dec
 # never read by the official forward (golden README, MAETok section): dropped
 UNUSED = ("projection.",                 # the REPA MLP; MaskAEModel.encode never calls it
           "repa_model.", "clip_model.",  # frozen teachers (DINOv2-L, SigLIP), not part of a tokenizer
-          "hog_generator.")              # constant Sobel / Gaussian kernels, recomputed by tokenizer.HOG
+          "hog_generator.")              # constant Sobel / Gaussian kernels, recomputed by maetok.HOG
 UNUSED_IN_DECODERS = ("model.pos_embed", "model.patch_embed.", "model.head.", "model.norm.adaLN_modulation.")
 # the final MoVQNorm modulates only the latent positions, and only the patch positions are read out: its
-# adaLN cannot change the output, so nanotok's plain LayerNorm is exact (tokenizer.Decoder)
+# adaLN cannot change the output, so nanotok's plain LayerNorm is exact (maetok.Decoder)
 
 
 def _decoder_key(rest, prefix):

@@ -36,8 +36,9 @@ from discriminator import (Discriminator, GANLoss, NLayerDiscriminator, ProxyDis
 from mactok import DINOv2Teacher, ProxyTeacher
 from pretrained import DINOV2_ARCHS, SIGLIP_SO400M, dinov2_target, load_dinov2, load_lpips, siglip_target
 from proxy import load_proxy
-from tokenizer import (PRESETS, RECIPES, STAGES, build, config_from_dict, make_config, param_groups,
-                       random_mask, stage_config, unpatchify)
+from maetok import random_mask
+from tokenizer import PRESETS, RECIPES, STAGES, build, config_from_dict, make_config, param_groups, stage_config
+from vit import unpatchify
 
 # flags a resumed run may change; every other flag is restored from the checkpoint
 RESUME_FLAGS = ("max_steps", "decay_steps", "log_every", "eval_every", "ckpt_every", "grid_every", "num_workers",
@@ -449,7 +450,7 @@ def main(argv=None):
     model = build(cfg).to(device)
     if init is not None:  # start from the EMA weights of the previous stage
         sd = init.get("ema") or init["model"]
-        model.load_state_dict({k: v for k, v in sd.items() if not k.startswith(model.TRAIN_ONLY)})
+        model.load_state_dict({k: v for k, v in sd.items() if not k.startswith(model.TRAIN_ONLY_PARAMS)})
     if cfg.family == "mactok" and cfg.encoder_init == "dinov2" and ckpt is None and init is None:
         init_encoder_from_dinov2(model, args, cfg)
     encoder_src = None

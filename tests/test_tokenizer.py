@@ -7,7 +7,8 @@ import torch
 from scipy import stats
 
 from conftest import golden
-from tokenizer import HOG, PRESETS, MAETok, make_config, random_mask, sample_mask_ratio
+from maetok import HOG, MAETok, random_mask, sample_mask_ratio
+from tokenizer import PRESETS, make_config
 from vit import patchify, unpatchify
 from vit import RoPE2D, apply_rope, grid_positions
 

@@ -11,7 +11,7 @@ import torch
 
 import train_tokenizer
 from conftest import ROOT
-from tokenizer import MAETok, TokenizerConfig
+from maetok import MAETok, TokenizerConfig
 
 BASE = ["--preset", "tiny", "--global_batch_size", "8", "--lr", "1e-3", "--warmup_steps", "2",
         "--perceptual_weight", "0", "--builtin_size", "40", "--num_workers", "0", "--log_every", "1",
@@ -241,11 +241,13 @@ def test_a_folder_that_ranks_do_not_share_stops_every_rank_at_start(tmp_path):
     script = tmp_path / "check.py"
     script.write_text(f"""import sys
 sys.path.insert(0, {str(ROOT)!r})
+import torch
 import engine
 ddp, rank, world, _, _ = engine.setup_distributed()
 engine.check_shared_folder({str(tmp_path)!r} + (f"/rank{{rank}}" if sys.argv[1] == "local" else "/shared"), rank, world,
                            "--results_dir")
 print("passed", rank)
+torch.distributed.destroy_process_group()  # a live gloo group can abort the process at exit
 """)
     for mode in ("shared", "local"):
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29543",
