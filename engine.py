@@ -274,6 +274,13 @@ def step_batches(ds, step, steps_per_epoch, accum, micro, seed, rank, world, num
         epoch, s = epoch + 1, 0
 
 
+def add_terms(sums, losses, n):
+    """Add a micro-batch's scalar loss terms, over n micro-batches, to sums (detached tensors: no host sync)."""
+    for k, v in losses.items():
+        if torch.is_tensor(v) and v.dim() == 0:
+            sums[k] = sums.get(k, 0.0) + v.detach().float() / n
+
+
 def accumulate(fwd, batches, n, loss_fn, ctx, ddp):
     """Forward / backward over the n micro-batches of one optimizer step (an iterable, read lazily):
     loss_fn(fwd, batch) -> dict of terms with 'loss'. DDP all-reduces gradients on the last micro-batch only.
@@ -283,9 +290,7 @@ def accumulate(fwd, batches, n, loss_fn, ctx, ddp):
         with (fwd.no_sync() if ddp and i < n - 1 else nullcontext()), ctx:
             losses = loss_fn(fwd, batch)
             (losses["loss"] / n).backward()
-        for k, v in losses.items():
-            if v.dim() == 0:
-                sums[k] = sums.get(k, 0.0) + v.detach().float() / n
+        add_terms(sums, losses, n)
     return sums
 
 

@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
@@ -34,9 +35,9 @@ from aligntok import semantic_preservation
 from discriminator import (Discriminator, GANLoss, NLayerDiscriminator, ProxyDiscTrunk, dino_discriminator,
                            load_dino_disc_trunk)
 from mactok import DINOv2Teacher, ProxyTeacher
+from maetok import random_mask
 from pretrained import DINOV2_ARCHS, SIGLIP_SO400M, dinov2_target, load_dinov2, load_lpips, siglip_target
 from proxy import load_proxy
-from maetok import random_mask
 from tokenizer import PRESETS, RECIPES, STAGES, build, config_from_dict, make_config, param_groups, stage_config
 from vit import unpatchify
 
@@ -551,38 +552,13 @@ def main(argv=None):
                                 **({"sp_reference": ref.state_dict()} if ref is not None else {})},
                        step, args.keep_checkpoints, device)
 
-    pairs = []  # (x, detached reconstruction) of each G micro-batch, for the D step
-
-    def loss_fn(fwd, batch):
-        x, mask, teacher, pw, adversarial = batch
-        out = generator_loss(model, fwd, x, mask, teacher, lpips, pw, ref, args.sp_weight,
-                             gan if adversarial else None)
-        if adversarial:
-            pairs.append((x, out["rec"].detach()))
-        return out
-
     stream = engine.step_batches(train_ds, step, steps_per_epoch, accum, micro, args.seed, rank, world,
                                  args.num_workers, pin=device.type == "cuda")
-    skipped = [0]
-
-    def micro_batches(step, mask_ratio):
-        """The step's micro-batches with their masks (drawn here, on the CPU RNG: no sync, nothing to recompile)."""
-        pw = perceptual_weight(args, step)
-        adversarial = gan is not None and gan.active(step)
-        for _ in range(accum):
-            x, _, n_bad = next(stream)
-            skipped[0] += int(n_bad.sum())
-            x = x.to(device, non_blocking=True)
-            with ctx:  # once per micro-batch, on the unmasked image (MacTok; None for MAETok), in the step's
-                teacher = model.teach(x)  # precision: DINOv2-L in fp32 would cost as much as the tokenizer
-            teacher = teacher and {k: v.float() for k, v in teacher.items()}  # fp32 for the masks and losses
-            yield x, model.sample_mask(len(x), device, mask_ratio, teacher), teacher, pw, adversarial
-
     grid_idx = [eval_idx[j] for j in data.balanced_subset([val_src.labels[i] for i in eval_idx], 8, args.seed)]
     grid_x = torch.stack([val_ds[i][0] for i in grid_idx]).to(device)
     model.train()
     sums, counts, n_sum, t0 = {}, {}, 0, time.time()
-    streak, nonfinite = 0, 0  # consecutive non-finite steps; skipped updates since the last log
+    streak, nonfinite, skipped = 0, 0, 0  # consecutive non-finite steps; skipped updates, unreadable images
     bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     while step < args.max_steps:
         lr = engine.cosine_lr(step, args.lr, args.warmup_steps, args.decay_steps, args.min_lr_ratio)
@@ -594,7 +570,24 @@ def main(argv=None):
         elif stage.mask == "none":
             mask_ratio = 0.0
         log_now = args.log_every > 0 and ((step + 1) % args.log_every == 0 or step + 1 == args.max_steps)
-        terms = engine.accumulate(fwd, micro_batches(step, mask_ratio), accum, loss_fn, ctx, ddp)
+        # the generator: accum micro-batches, their gradients all-reduced on the last one only (DDP)
+        pw, adversarial = perceptual_weight(args, step), gan is not None and gan.active(step)
+        terms, pairs = {}, []  # pairs: (x, detached reconstruction) of each micro-batch, for the D step
+        for i in range(accum):
+            x, _, n_bad = next(stream)
+            skipped += int(n_bad.sum())
+            x = x.to(device, non_blocking=True)
+            with ctx:  # once per micro-batch, on the unmasked image (MacTok; None for MAETok), in the step's
+                teacher = model.teach(x)  # precision: DINOv2-L in fp32 would cost as much as the tokenizer
+            teacher = teacher and {k: v.float() for k, v in teacher.items()}  # fp32 for the masks and losses
+            mask = model.sample_mask(len(x), device, mask_ratio, teacher)  # on the CPU RNG: no sync
+            with (fwd.no_sync() if ddp and i < accum - 1 else nullcontext()), ctx:
+                out = generator_loss(model, fwd, x, mask, teacher, lpips, pw, ref, args.sp_weight,
+                                     gan if adversarial else None)
+                (out["loss"] / accum).backward()
+            engine.add_terms(terms, out, accum)
+            if adversarial:
+                pairs.append((x, out["rec"].detach()))
         gnorm = engine.clip_gradients(model.parameters(), args.grad_clip, measure=True)
         streak = engine.nonfinite_streak(gnorm, streak, args.nonfinite_patience, log, step)
         if streak == 0:
@@ -604,8 +597,12 @@ def main(argv=None):
         nonfinite += streak > 0
         dnorm = None
         if pairs and streak == 0:  # the D step on the same images and the pre-update generator's reconstructions
-            d_terms = engine.accumulate(disc_fwd, pairs, accum, lambda d, xr: gan.discriminator_loss(d, *xr, ddp),
-                                        ctx, ddp)
+            d_terms = {}
+            for i, (x, rec) in enumerate(pairs):
+                with (disc_fwd.no_sync() if ddp and i < accum - 1 else nullcontext()), ctx:
+                    d_out = gan.discriminator_loss(disc_fwd, x, rec, ddp)
+                    (d_out["loss"] / accum).backward()
+                engine.add_terms(d_terms, d_out, accum)
             terms["d_loss"] = d_terms.pop("loss")
             terms.update(d_terms)
             dnorm = engine.clip_gradients(gan.disc.parameters(), args.grad_clip, measure=True)
@@ -615,7 +612,6 @@ def main(argv=None):
                 log(f"step {step + 1}: non-finite discriminator gradient norm: its update skipped")
                 nonfinite += 1
             opt_d.zero_grad(set_to_none=True)
-        pairs.clear()
         for k, v in terms.items():
             if v is not None:
                 sums[k], counts[k] = sums.get(k, 0.0) + v, counts.get(k, 0) + 1
@@ -624,7 +620,7 @@ def main(argv=None):
         bar.update(1)
 
         if log_now:
-            means, (n_bad,) = engine.reduce_means(sums, counts, ddp, world, extra=(skipped[0],))
+            means, (n_bad,) = engine.reduce_means(sums, counts, ddp, world, extra=(skipped,))
             rec = {"step": step, **means, "lr": lr, "grad_norm": gnorm.item(),
                    "img_per_s": n_sum * args.global_batch_size / (time.time() - t0), "skipped_images": int(n_bad),
                    "nonfinite_steps": nonfinite}
@@ -642,7 +638,7 @@ def main(argv=None):
                 if bound:
                     log(f"step {step}: warning: the adaptive weight {name} was {', '.join(bound)} since the last "
                         f"log (gradient norms {rec[name + '_nll_grad']:.3g} / {rec[name + '_grad']:.3g})")
-            sums, counts, n_sum, skipped[0], t0, nonfinite = {}, {}, 0, 0, time.time(), 0
+            sums, counts, n_sum, skipped, t0, nonfinite = {}, {}, 0, 0, time.time(), 0
         if args.eval_every > 0 and (step % args.eval_every == 0 or step == args.max_steps):
             psnr = eval_psnr(ema, val_ds, eval_idx, rank, world, device, ctx)
             log(f"step {step}: held-out PSNR (EMA, {len(eval_idx)} images) {psnr:.2f} dB")

@@ -108,3 +108,14 @@ def test_the_modules_import_each_other_without_a_cycle():
     for m in graph:
         if m not in state:
             visit(m, [])
+
+
+def test_the_tokenizer_training_step_is_written_out_in_the_loop():
+    """train_tokenizer.py's step (next batch -> losses -> backward -> clip -> optimizer -> EMA -> the D step) is
+    inline in main's loop: no function or lambda is defined inside it."""
+    import ast
+    tree = ast.parse((ROOT / "train_tokenizer.py").read_text())
+    main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
+    loop = next(n for n in ast.walk(main) if isinstance(n, ast.While))
+    nested = [n for n in ast.walk(loop) if isinstance(n, (ast.FunctionDef, ast.Lambda))]
+    assert not nested and "ema_update" in ast.unparse(loop) and "next(stream)" in ast.unparse(loop)
