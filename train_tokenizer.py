@@ -52,106 +52,113 @@ AUX_TARGETS = ("hog", "dinov2", "siglip")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train a tokenizer (defaults: the paper's MAETok-B-128 run)")
-    p.add_argument("--preset", default="MAETok-B-128", choices=sorted(PRESETS),
+    g = p.add_argument_group("what to train")
+    gm = p.add_argument_group("MAETok")
+    gc = p.add_argument_group("MacTok")
+    ga = p.add_argument_group("AlignTok")
+    go = p.add_argument_group("optimisation and losses")
+    gg = p.add_argument_group("GAN")
+    gr = p.add_argument_group("run: folders, resume, logging")
+    g.add_argument("--preset", default="MAETok-B-128", choices=sorted(PRESETS),
                    help="tokenizer preset; it brings its recipe (tiny: the CPU quick start's), explicit flags win")
-    p.add_argument("--data_path", default=data.BUILTIN, help="ImageFolder folder, .npz file, or 'builtin'")
-    p.add_argument("--val_data_path", default=None, help="held-out images for eval (builtin: its val split)")
-    p.add_argument("--builtin_size", type=int, default=50_000, help="number of built-in training images")
-    p.add_argument("--image_size", type=int, default=None, help="resolution (default: the preset's)")
-    p.add_argument("--rope", default=None, choices=["mixed", "axial"], help="2D RoPE variant (default: preset)")
-    p.add_argument("--aux_targets", default="hog,dinov2,siglip",
+    g.add_argument("--data_path", default=data.BUILTIN, help="ImageFolder folder, .npz file, or 'builtin'")
+    g.add_argument("--val_data_path", default=None, help="held-out images for eval (builtin: its val split)")
+    g.add_argument("--builtin_size", type=int, default=50_000, help="number of built-in training images")
+    g.add_argument("--image_size", type=int, default=None, help="resolution (default: the preset's)")
+    gm.add_argument("--rope", default=None, choices=["mixed", "axial"], help="2D RoPE variant (default: preset)")
+    gm.add_argument("--aux_targets", default="hog,dinov2,siglip",
                    help="comma list of aux decoder targets from hog,dinov2,siglip ('' for none; the paper: all "
                         "three; the tiny preset: hog, as no teacher weights exist offline)")
-    p.add_argument("--dinov2_arch", default="vitl14", choices=sorted(DINOV2_ARCHS),
+    gm.add_argument("--dinov2_arch", default="vitl14", choices=sorted(DINOV2_ARCHS),
                    help="DINOv2 of MAETok's dinov2 target and MacTok's teacher, and AlignTok's encoder (official: "
                         "ViT-L/14)")
-    p.add_argument("--dinov2_mode", default="patch", choices=["patch", "resize"],
+    gm.add_argument("--dinov2_mode", default="patch", choices=["patch", "resize"],
                    help="patch: kernel resampled to the tokenizer patch (official MAETok); resize: image to grid*14")
-    p.add_argument("--dinov2_ckpt", default=None, help="local official DINOv2 .pth (default: official URL)")
-    p.add_argument("--siglip_ckpt", default=None,
+    gm.add_argument("--dinov2_ckpt", default=None, help="local official DINOv2 .pth (default: official URL)")
+    gm.add_argument("--siglip_ckpt", default=None,
                    help="local SigLIP SO400M/14 file: OpenCLIP open_clip_pytorch_model.bin of "
                         "timm/ViT-SO400M-14-SigLIP (default: its Hugging Face URL)")
-    p.add_argument("--mask_ratio", type=float, default=0.6, help="MAETok: max mask ratio (truncated-normal peak)")
-    p.add_argument("--mask_ratio_min", type=float, default=0.4, help="MAETok: min mask ratio")
+    gm.add_argument("--mask_ratio", type=float, default=0.6, help="MAETok: max mask ratio (truncated-normal peak)")
+    gm.add_argument("--mask_ratio_min", type=float, default=0.4, help="MAETok: min mask ratio")
     # MacTok (defaults: its preset's config)
-    p.add_argument("--kl_weight", type=float, default=None, help="MacTok: KL weight (KL summed over L*C; 1e-6)")
-    p.add_argument("--mask_ratio_max", type=float, default=None, help="MacTok: r = min(U(0,1), this) (0.7)")
-    p.add_argument("--mask_ratio_dist", default=None, choices=["uniform", "uniform_zero"],
+    gc.add_argument("--kl_weight", type=float, default=None, help="MacTok: KL weight (KL summed over L*C; 1e-6)")
+    gc.add_argument("--mask_ratio_max", type=float, default=None, help="MacTok: r = min(U(0,1), this) (0.7)")
+    gc.add_argument("--mask_ratio_dist", default=None, choices=["uniform", "uniform_zero"],
                    help="MacTok: the law of r: uniform = min(U(0, 1), max), floor(r N) tokens (unmasked with "
                         "probability 1 / N); uniform_zero = U(-max, max) clipped to [0, max] (unmasked half the time)")
-    p.add_argument("--semantic_mask_prob", type=float, default=None,
+    gc.add_argument("--semantic_mask_prob", type=float, default=None,
                    help="MacTok: probability per sample of teacher-guided rather than random masking (0.5)")
-    p.add_argument("--mask_tokens", default=None, choices=["image", "latent", "none"],
+    gc.add_argument("--mask_tokens", default=None, choices=["image", "latent", "none"],
                    help="MacTok: mask image tokens (paper), latent tokens (appendix control) or nothing")
-    p.add_argument("--align", default=None, help="MacTok: alignment terms among local,global ('' for none)")
-    p.add_argument("--align_weight", type=float, default=None, help="MacTok: weight of the alignment sum (0.1)")
-    p.add_argument("--teacher", default="dinov2", choices=["dinov2", "proxy", "none"],
+    gc.add_argument("--align", default=None, help="MacTok: alignment terms among local,global ('' for none)")
+    gc.add_argument("--align_weight", type=float, default=None, help="MacTok: weight of the alignment sum (0.1)")
+    gc.add_argument("--teacher", default="dinov2", choices=["dinov2", "proxy", "none"],
                    help="MacTok: the teacher of semantic masking and alignment (DINOv2 of --dinov2_arch; offline: "
                         "a proxy.py classifier)")
-    p.add_argument("--teacher_proxy_ckpt", default=None, help="--teacher proxy: a proxy.py checkpoint")
-    p.add_argument("--encoder_init", default=None, choices=["dinov2", "scratch"],
+    gc.add_argument("--teacher_proxy_ckpt", default=None, help="--teacher proxy: a proxy.py checkpoint")
+    gc.add_argument("--encoder_init", default=None, choices=["dinov2", "scratch"],
                    help="MacTok: encoder from the DINOv2 of its width (paper) or from scratch (default: preset)")
-    p.add_argument("--encoder_ckpt", default=None,
+    ga.add_argument("--encoder_ckpt", default=None,
                    help="MacTok --encoder_init dinov2: a local DINOv2 .pth; AlignTok: its encoder's weights, the "
                         "DINOv2 .pth (default: official URL) or, for --preset AlignTok-tiny, a proxy.py checkpoint")
-    p.add_argument("--decoder_ckpt", default=None,
+    ga.add_argument("--decoder_ckpt", default=None,
                    help="AlignTok stage align: start the decoder from VA-VAE's (its release .pt, or any checkpoint "
                         "with decoder.* and post_quant_conv.*; default: random, as the paper)")
-    p.add_argument("--sp_weight", type=float, default=1.0,
+    ga.add_argument("--sp_weight", type=float, default=1.0,
                    help="AlignTok stage perceptual: weight of the semantic-preservation loss (x its adaptive weight)")
-    p.add_argument("--crop", default=None, choices=list(data.CROPS),
+    g.add_argument("--crop", default=None, choices=list(data.CROPS),
                    help="training crop: random-resized (MAETok), center (MacTok), or short side to the image size + "
                         "a random crop (short_random: AlignTok / VA-VAE); default: the preset's")
-    p.add_argument("--global_batch_size", type=int, default=512, help="images per optimizer step, all ranks")
-    p.add_argument("--micro_batch_size", type=int, default=None,
+    go.add_argument("--global_batch_size", type=int, default=512, help="images per optimizer step, all ranks")
+    go.add_argument("--micro_batch_size", type=int, default=None,
                    help="images per forward on one rank (default: global/world); sets gradient accumulation")
-    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (official: 2e-4 at batch 512)")
-    p.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
-    p.add_argument("--warmup_steps", type=int, default=5000, help="linear warmup (official: 2 epochs)")
-    p.add_argument("--decay_steps", type=int, default=None,
+    go.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (official: 2e-4 at batch 512)")
+    go.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
+    go.add_argument("--warmup_steps", type=int, default=5000, help="linear warmup (official: 2 epochs)")
+    go.add_argument("--decay_steps", type=int, default=None,
                    help="step where the cosine reaches its floor (default: --max_steps); kept when a resumed run "
                         "extends --max_steps, so the planned schedule never changes silently")
-    p.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW decay on >=2-D non-embedding weights")
-    p.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1 (AlignTok's recipe: VA-VAE's 0.5)")
-    p.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2 (AlignTok's recipe: VA-VAE's 0.9)")
-    p.add_argument("--grad_clip", type=float, default=1.0, help="max grad norm (0 = no clipping)")
-    p.add_argument("--max_steps", type=int, default=500_000, help="optimizer steps (paper: 500K)")
-    p.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay per step")
-    p.add_argument("--perceptual_weight", type=float, default=1.0, help="LPIPS-VGG weight (0 disables)")
-    p.add_argument("--perceptual_warmup", type=int, default=10_000, help="steps to ramp LPIPS in (official)")
-    p.add_argument("--vgg_ckpt", default=None, help="local VGG16 weights for LPIPS (default: official URL)")
-    p.add_argument("--disc", default="dino", choices=["dino", "proxy", "patchgan", "none"],
+    go.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW decay on >=2-D non-embedding weights")
+    go.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1 (AlignTok's recipe: VA-VAE's 0.5)")
+    go.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2 (AlignTok's recipe: VA-VAE's 0.9)")
+    go.add_argument("--grad_clip", type=float, default=1.0, help="max grad norm (0 = no clipping)")
+    go.add_argument("--max_steps", type=int, default=500_000, help="optimizer steps (paper: 500K)")
+    go.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay per step")
+    go.add_argument("--perceptual_weight", type=float, default=1.0, help="LPIPS-VGG weight (0 disables)")
+    go.add_argument("--perceptual_warmup", type=int, default=10_000, help="steps to ramp LPIPS in (official)")
+    go.add_argument("--vgg_ckpt", default=None, help="local VGG16 weights for LPIPS (default: official URL)")
+    gg.add_argument("--disc", default="dino", choices=["dino", "proxy", "patchgan", "none"],
                    help="adversarial loss: dino = frozen DINO ViT-S/16 + 5 trainable heads (official), proxy = a "
                         "frozen proxy CNN (proxy.py) as the trunk, for offline work; patchgan = the LDM PatchGAN "
                         "(VA-VAE / AlignTok); none = no GAN")
-    p.add_argument("--dino_ckpt", default=None, help="local DINO v1 ViT-S/16 .pth (default: official URL)")
-    p.add_argument("--disc_proxy_ckpt", default=None,
+    gg.add_argument("--dino_ckpt", default=None, help="local DINO v1 ViT-S/16 .pth (default: official URL)")
+    gg.add_argument("--disc_proxy_ckpt", default=None,
                    help="--disc proxy: a proxy.py checkpoint (another seed / width than the evaluation proxy)")
-    p.add_argument("--disc_start", type=int, default=30_000, help="step where the GAN terms switch on (official)")
-    p.add_argument("--disc_weight", type=float, default=0.4, help="adversarial weight for G and D (official)")
-    p.add_argument("--disc_betas", default=None,
+    gg.add_argument("--disc_start", type=int, default=30_000, help="step where the GAN terms switch on (official)")
+    gg.add_argument("--disc_weight", type=float, default=0.4, help="adversarial weight for G and D (official)")
+    gg.add_argument("--disc_betas", default=None,
                    help="'b1,b2' of the discriminator's AdamW (default: the generator's, as official MAETok; "
                         "AlignTok's recipe: VA-VAE's 0.5,0.9)")
-    p.add_argument("--lecam_weight", type=float, default=1e-3, help="LeCAM regulariser weight in the D loss")
-    p.add_argument("--cr_weight", type=float, default=4.0, help="consistency regularisation weight (not x 0.4)")
-    p.add_argument("--precision", default="auto", choices=engine.PRECISIONS, help=engine.PRECISION_HELP)
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--stage", default="main", choices=ALL_STAGES,
+    gg.add_argument("--lecam_weight", type=float, default=1e-3, help="LeCAM regulariser weight in the D loss")
+    gg.add_argument("--cr_weight", type=float, default=4.0, help="consistency regularisation weight (not x 0.4)")
+    g.add_argument("--precision", default="auto", choices=engine.PRECISIONS, help=engine.PRECISION_HELP)
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--stage", default="main", choices=ALL_STAGES,
                    help="training stage of the family (MAETok / MacTok: main, decoder_finetune; AlignTok: align, "
                         "perceptual, decoder, and scratch for the baseline); each brings its defaults")
-    p.add_argument("--init_from", default=None, help="stage 2: run folder or checkpoint of the stage-1 model")
-    p.add_argument("--mask_anneal_steps", type=int, default=50_000, help="stage 2: mask ratio 0.6 -> 0 steps")
-    p.add_argument("--results_dir", default="results", help="parent of the numbered run folders")
-    p.add_argument("--resume", default=None, help="run folder or checkpoint to resume exactly")
-    p.add_argument("--seed", type=int, default=0, help="global seed")
-    p.add_argument("--num_workers", type=int, default=4, help="data loader workers per rank")
-    p.add_argument("--log_every", type=int, default=100, help="steps between metrics.jsonl lines (-1 off)")
-    p.add_argument("--eval_every", type=int, default=10_000, help="steps between held-out PSNR evals (-1 off)")
-    p.add_argument("--eval_images", type=int, default=1000, help="held-out images per eval (class-balanced)")
-    p.add_argument("--ckpt_every", type=int, default=10_000, help="steps between checkpoints (-1: only last)")
-    p.add_argument("--grid_every", type=int, default=5000, help="steps between picture grids (-1 off)")
-    p.add_argument("--keep_checkpoints", type=int, default=3, help="newest checkpoints kept (0 = all)")
-    p.add_argument("--nonfinite_patience", type=int, default=20,
+    g.add_argument("--init_from", default=None, help="stage 2: run folder or checkpoint of the stage-1 model")
+    gm.add_argument("--mask_anneal_steps", type=int, default=50_000, help="stage 2: mask ratio 0.6 -> 0 steps")
+    gr.add_argument("--results_dir", default="results", help="parent of the numbered run folders")
+    gr.add_argument("--resume", default=None, help="run folder or checkpoint to resume exactly")
+    gr.add_argument("--seed", type=int, default=0, help="global seed")
+    gr.add_argument("--num_workers", type=int, default=4, help="data loader workers per rank")
+    gr.add_argument("--log_every", type=int, default=100, help="steps between metrics.jsonl lines (-1 off)")
+    gr.add_argument("--eval_every", type=int, default=10_000, help="steps between held-out PSNR evals (-1 off)")
+    gr.add_argument("--eval_images", type=int, default=1000, help="held-out images per eval (class-balanced)")
+    gr.add_argument("--ckpt_every", type=int, default=10_000, help="steps between checkpoints (-1: only last)")
+    gr.add_argument("--grid_every", type=int, default=5000, help="steps between picture grids (-1 off)")
+    gr.add_argument("--keep_checkpoints", type=int, default=3, help="newest checkpoints kept (0 = all)")
+    gr.add_argument("--nonfinite_patience", type=int, default=20,
                    help="consecutive steps with a non-finite loss or gradient (each skipped) before the run stops")
     args = p.parse_args(argv)
     return p, args, engine.explicit_flags(p, argv)
