@@ -383,13 +383,11 @@ def save_grid(model, ema, x, mask_ratio, path, ctx):
     data.save_image_grid([x, x * (1 - pix), rec_masked.float(), rec.float()], path)
 
 
-def main(argv=None):
-    p, args, explicit = parse_args(argv)
-    ddp, rank, world, local, device = engine.setup_distributed()
-    precision, ctx = engine.autocast_context(args.precision, device)
-
-    # ---- flags and config. Resume: defaults, then the checkpoint's args, then explicit run-length flags.
-    # A later stage: the preset (and config) of the run it continues, with that stage's recipe
+def resolve_flags(p, args, explicit, world):
+    """The run's flags, config and what it starts from: (args, cfg, ckpt, init, ignored, replanned).
+    --resume: the defaults, then the checkpoint's args, then the explicit run-length flags; --init_from (a later
+    stage): the preset and config of the run it continues, with that stage's recipe; else the preset and its
+    recipe for the stage."""
     ckpt = released.load(args.resume) if args.resume else None
     init, ignored, replanned = None, [], None
     if ckpt is not None:
@@ -430,6 +428,16 @@ def main(argv=None):
     if args.decay_steps is None:
         args.decay_steps = args.max_steps
     validate(p, args)
+    return args, cfg, ckpt, init, ignored, replanned
+
+
+def main(argv=None):
+    p, args, explicit = parse_args(argv)
+    ddp, rank, world, local, device = engine.setup_distributed()
+    precision, ctx = engine.autocast_context(args.precision, device)
+
+    # ---- flags and config: fresh, a later stage (--init_from) or a resumed run
+    args, cfg, ckpt, init, ignored, replanned = resolve_flags(p, args, explicit, world)
     stage = STAGES[cfg.family][args.stage]
     if cfg.image_size % cfg.patch_size:
         sys.exit(f"error: --image_size {cfg.image_size} is not a multiple of the patch size {cfg.patch_size}")

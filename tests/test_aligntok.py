@@ -127,10 +127,8 @@ def test_vavae_lightning_file_loads_as_a_tokenizer(tmp_path):
              "foundation_model.model.cls_token": torch.zeros(1, 1, 8), "linear_proj.weight": torch.zeros(8, 8, 1, 1)}
     path = tmp_path / "vavae.ckpt"
     torch.save({"state_dict": {**sd, **extra}, "global_step": 7, "epoch": 1}, path)
-    import released
     ckpt = released.vavae_checkpoint(torch.load(path, weights_only=True), str(path), image_size=8)
     assert ckpt["config"]["attn_resolutions"] == (4,) and ckpt["config"]["patch_size"] == 2
-    import engine
     via = released.load(str(path))                                 # what every script's --ckpt reads
     assert via["config"]["image_size"] == 256 and via["released"] == str(path)  # the release is 256 px
     assert all(torch.equal(via["model"][k], ckpt["model"][k]) for k in ckpt["model"])
@@ -146,7 +144,6 @@ def test_vavae_lightning_file_loads_as_a_tokenizer(tmp_path):
 
 
 def test_vavae_release_config_from_the_real_key_list():
-    import released
     from aligntok import VAVAE
     (desc, keys), = golden("vavae_decoder_small.pt")["real_state_dict_keys"].items()
     shapes = {k: torch.empty(s, device="meta") for k, s, _ in keys}

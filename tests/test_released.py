@@ -87,7 +87,6 @@ def test_release_folder_round_trip_through_every_script(tmp_path):
     """A nanotok tokenizer written in the official layout as a Hugging Face style release (config.json +
     model.safetensors) loads back bitwise, and the scripts take the folder as --ckpt / --tokenizer_ckpt."""
     from safetensors.torch import save_file
-    import engine
     torch.manual_seed(0)
     cfg = make_config("tiny", enc_width=128, enc_heads=2, dec_width=128, dec_heads=2, aux_targets=())
     model = build(cfg).eval()
@@ -122,7 +121,6 @@ def test_release_folder_round_trip_through_every_script(tmp_path):
 
 
 def test_not_a_release_is_a_clear_error(tmp_path):
-    import engine
     rel = tmp_path / "rel"
     rel.mkdir()
     torch.save({"foo": torch.zeros(1)}, rel / "pytorch_model.bin")
