@@ -276,7 +276,8 @@ def main(argv=None):
             checkpoint(step)
     bar.close()
     log(f"done: {step} steps, checkpoints in {os.path.join(run_dir, 'checkpoints')}")
-    if ddp:
+    if ddp:  # the DDP wrapper holds the process group: released first, so that it is shut down here, not at exit
+        del fwd
         torch.distributed.destroy_process_group()
     return run_dir
 

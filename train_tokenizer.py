@@ -672,7 +672,8 @@ def main(argv=None):
             checkpoint(step)
     bar.close()
     log(f"done: {step} steps, checkpoints in {os.path.join(run.dir, 'checkpoints')}")
-    if ddp:
+    if ddp:  # the DDP wrappers hold the process group: released first, so that it is shut down here, not at exit
+        del fwd, disc_fwd
         torch.distributed.destroy_process_group()
     return run.dir
 
