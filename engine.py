@@ -294,13 +294,12 @@ def accumulate(fwd, batches, n, loss_fn, ctx, ddp):
     return sums
 
 
-def clip_gradients(params, clip, measure):
-    """Clip to `clip` (> 0) and return the pre-clip norm; with clipping off, measure the norm only when asked
-    (a log step), without any rescale."""
+def clip_gradients(params, clip):
+    """The pre-clip gradient norm (every step: the non-finite check reads it), clipped to `clip` when > 0."""
     params = [p for p in params if p.grad is not None]
     if clip > 0:
         return torch.nn.utils.clip_grad_norm_(params, clip)
-    return torch.nn.utils.get_total_norm([p.grad for p in params]) if measure else None
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
 
 
 def nonfinite_streak(gnorm, streak, patience, log, step, what="gradient norm"):

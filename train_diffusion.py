@@ -248,7 +248,7 @@ def main(argv=None):
             g["lr"] = lr
         log_now = args.log_every > 0 and ((step + 1) % args.log_every == 0 or step + 1 == args.max_steps)
         terms = engine.accumulate(fwd, micro_batches(), accum, lambda f, b: transport.loss(f, *b), ctx, ddp)
-        gnorm = engine.clip_gradients(model.parameters(), args.grad_clip, measure=True)
+        gnorm = engine.clip_gradients(model.parameters(), args.grad_clip)
         streak = engine.nonfinite_streak(gnorm, streak, args.nonfinite_patience, log, step)
         if streak == 0:  # a non-finite step leaves the optimizer and the EMA untouched
             opt.step()

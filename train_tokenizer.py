@@ -603,7 +603,7 @@ def main(argv=None):
             engine.add_terms(terms, out, accum)
             if adversarial:
                 pairs.append((x, out["rec"].detach()))
-        gnorm = engine.clip_gradients(model.parameters(), args.grad_clip, measure=True)
+        gnorm = engine.clip_gradients(model.parameters(), args.grad_clip)
         streak = engine.nonfinite_streak(gnorm, streak, args.nonfinite_patience, log, step)
         if streak == 0:
             opt.step()
@@ -620,7 +620,7 @@ def main(argv=None):
                 engine.add_terms(d_terms, d_out, accum)
             terms["d_loss"] = d_terms.pop("loss")
             terms.update(d_terms)
-            dnorm = engine.clip_gradients(gan.disc.parameters(), args.grad_clip, measure=True)
+            dnorm = engine.clip_gradients(gan.disc.parameters(), args.grad_clip)
             if bool(torch.isfinite(dnorm)):
                 opt_d.step()
             else:
