@@ -281,19 +281,6 @@ def add_terms(sums, losses, n):
             sums[k] = sums.get(k, 0.0) + v.detach().float() / n
 
 
-def accumulate(fwd, batches, n, loss_fn, ctx, ddp):
-    """Forward / backward over the n micro-batches of one optimizer step (an iterable, read lazily):
-    loss_fn(fwd, batch) -> dict of terms with 'loss'. DDP all-reduces gradients on the last micro-batch only.
-    Returns the scalar terms averaged over the micro-batches, as detached tensors (no host sync)."""
-    sums = {}
-    for i, batch in enumerate(batches):
-        with (fwd.no_sync() if ddp and i < n - 1 else nullcontext()), ctx:
-            losses = loss_fn(fwd, batch)
-            (losses["loss"] / n).backward()
-        add_terms(sums, losses, n)
-    return sums
-
-
 def clip_gradients(params, clip):
     """The pre-clip gradient norm (every step: the non-finite check reads it), clipped to `clip` when > 0."""
     params = [p for p in params if p.grad is not None]

@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
@@ -33,44 +34,53 @@ RESUME_FLAGS = ("max_steps", "log_every", "ckpt_every", "grid_every", "num_worke
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train SiT / LightningDiT on tokenizer latents (defaults: SiT recipe)")
-    p.add_argument("--model", default="SiT-XL", choices=sorted(PRESETS), help="denoiser preset")
-    p.add_argument("--cache_path", default=None, help="latent cache folder from cache_latents.py")
-    p.add_argument("--tokenizer_ckpt", default=None,
+    g = p.add_argument_group("what to train")
+    go = p.add_argument_group("optimisation and loss")
+    gr = p.add_argument_group("run: folders, resume, logging")
+    g.add_argument("--model", default="SiT-XL", choices=sorted(PRESETS), help="denoiser preset")
+    g.add_argument("--cache_path", default=None, help="latent cache folder from cache_latents.py")
+    g.add_argument("--tokenizer_ckpt", default=None,
                    help="tokenizer run/checkpoint: encodes on the fly without a cache; decodes the picture grids")
-    p.add_argument("--data_path", default=data.BUILTIN, help="images for on-the-fly encoding (no cache)")
-    p.add_argument("--builtin_size", type=int, default=50_000, help="number of built-in training images")
-    p.add_argument("--stats_images", type=int, default=10_000,
+    g.add_argument("--data_path", default=data.BUILTIN, help="images for on-the-fly encoding (no cache)")
+    g.add_argument("--builtin_size", type=int, default=50_000, help="number of built-in training images")
+    g.add_argument("--stats_images", type=int, default=10_000,
                    help="on-the-fly: images whose latents give the per-channel statistics (LightningDiT: 10K)")
-    p.add_argument("--unconditional", action="store_true", help="no class labels")
-    p.add_argument("--class_dropout", type=float, default=0.1, help="label dropout for CFG")
-    p.add_argument("--qk_norm", action="store_true", help="QK-norm (LightningDiT long runs)")
-    p.add_argument("--global_batch_size", type=int, default=None, help="default: the preset's recipe (256 / 1024)")
-    p.add_argument("--micro_batch_size", type=int, default=None, help="per-rank forward batch; sets accumulation")
-    p.add_argument("--lr", type=float, default=None, help="constant lr (default: recipe, 1e-4 SiT / 2e-4 Lightning)")
-    p.add_argument("--beta2", type=float, default=None, help="AdamW beta2 (default: recipe, 0.999 / 0.95)")
-    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--warmup_steps", type=int, default=0, help="linear lr warmup (official: none)")
-    p.add_argument("--grad_clip", type=float, default=0.0, help="max grad norm (0: none, official)")
-    p.add_argument("--time_dist", default=None, choices=["uniform", "logit_normal"], help="default: recipe")
-    p.add_argument("--cosine_loss", default=None, type=int, choices=[0, 1], help="LightningDiT cosine term")
-    p.add_argument("--max_steps", type=int, default=400_000, help="optimizer steps")
-    p.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay per step")
-    p.add_argument("--precision", default="auto", choices=engine.PRECISIONS, help=engine.PRECISION_HELP)
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--results_dir", default="results", help="parent of the numbered run folders")
-    p.add_argument("--resume", default=None, help="run folder or checkpoint to resume exactly")
-    p.add_argument("--seed", type=int, default=0, help="global seed")
-    p.add_argument("--num_workers", type=int, default=4, help="data loader workers per rank (on-the-fly mode)")
-    p.add_argument("--log_every", type=int, default=100, help="steps between metrics.jsonl lines (-1 off)")
-    p.add_argument("--ckpt_every", type=int, default=50_000, help="steps between checkpoints (-1: only last)")
-    p.add_argument("--grid_every", type=int, default=10_000, help="steps between sample grids (-1 off)")
-    p.add_argument("--grid_steps", type=int, default=50, help="Euler steps for the picture grids")
-    p.add_argument("--grid_cfg", type=float, default=1.0, help="CFG scale for the picture grids")
-    p.add_argument("--keep_checkpoints", type=int, default=3, help="newest checkpoints kept (0 = all)")
-    p.add_argument("--nonfinite_patience", type=int, default=20,
-                   help="consecutive steps with a non-finite loss or gradient (each skipped) before the run stops")
+    g.add_argument("--unconditional", action="store_true", help="no class labels")
+    g.add_argument("--class_dropout", type=float, default=0.1, help="label dropout for CFG")
+    g.add_argument("--qk_norm", action="store_true", help="QK-norm (LightningDiT long runs)")
+    g.add_argument("--precision", default="auto", choices=engine.PRECISIONS, help=engine.PRECISION_HELP)
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    go.add_argument("--global_batch_size", type=int, default=None, help="default: the preset's recipe (256 / 1024)")
+    go.add_argument("--micro_batch_size", type=int, default=None, help="per-rank forward batch; sets accumulation")
+    go.add_argument("--lr", type=float, default=None, help="constant lr (default: recipe, 1e-4 SiT / 2e-4 Lightning)")
+    go.add_argument("--beta2", type=float, default=None, help="AdamW beta2 (default: recipe, 0.999 / 0.95)")
+    go.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    go.add_argument("--warmup_steps", type=int, default=0, help="linear lr warmup (official: none)")
+    go.add_argument("--grad_clip", type=float, default=0.0, help="max grad norm (0: none, official)")
+    go.add_argument("--time_dist", default=None, choices=["uniform", "logit_normal"], help="default: recipe")
+    go.add_argument("--cosine_loss", default=None, type=int, choices=[0, 1], help="LightningDiT cosine term")
+    go.add_argument("--max_steps", type=int, default=400_000, help="optimizer steps")
+    go.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay per step")
+    gr.add_argument("--results_dir", default="results", help="parent of the numbered run folders")
+    gr.add_argument("--resume", default=None, help="run folder or checkpoint to resume exactly")
+    gr.add_argument("--seed", type=int, default=0, help="global seed")
+    gr.add_argument("--num_workers", type=int, default=4, help="data loader workers per rank (on-the-fly mode)")
+    gr.add_argument("--log_every", type=int, default=100, help="steps between metrics.jsonl lines (-1 off)")
+    gr.add_argument("--ckpt_every", type=int, default=50_000, help="steps between checkpoints (-1: only last)")
+    gr.add_argument("--grid_every", type=int, default=10_000, help="steps between sample grids (-1 off)")
+    gr.add_argument("--grid_steps", type=int, default=50, help="Euler steps for the picture grids")
+    gr.add_argument("--grid_cfg", type=float, default=1.0, help="CFG scale for the picture grids")
+    gr.add_argument("--keep_checkpoints", type=int, default=3, help="newest checkpoints kept (0 = all)")
+    gr.add_argument("--nonfinite_patience", type=int, default=20,
+                    help="consecutive steps with a non-finite loss or gradient (each skipped) before the run stops")
     args = p.parse_args(argv)
-    explicit, ckpt = engine.explicit_flags(p, argv), None
+    return p, args, engine.explicit_flags(p, argv)
+
+
+def resolve_flags(p, args, explicit):
+    """The run's flags: a fresh run's preset recipe under the explicit flags, or a resumed run's checkpoint args
+    with the explicit run-length flags; then the checks. Returns (args, the resumed checkpoint or None)."""
+    ckpt = None
     if args.resume:  # defaults, then the checkpoint's args, then the explicit run-length flags
         ckpt = released.load(args.resume)
         args, ignored = engine.resume_args(p, args, explicit, ckpt["args"], RESUME_FLAGS)
@@ -134,7 +144,7 @@ def sample_grid(ema, tok, stats, num_classes, steps, cfg_scale, path, device, ct
 
 
 def main(argv=None):
-    args, ckpt = parse_args(argv)  # a resumed run's config and flags come from its checkpoint
+    args, ckpt = resolve_flags(*parse_args(argv))  # a resumed run's config and flags come from its checkpoint
     ddp, rank, world, local, device = engine.setup_distributed()
     precision, ctx = engine.autocast_context(args.precision, device)
     if ckpt is not None:  # on another world size: the same global batch, the micro-batch re-planned
@@ -229,15 +239,6 @@ def main(argv=None):
     stream = engine.step_batches(train_ds, step, steps_per_epoch, accum, micro, args.seed, rank, world,
                                  args.num_workers, pin=device.type == "cuda", in_memory=bool(args.cache_path))
 
-    def micro_batches():
-        for _ in range(accum):
-            x, y = next(stream)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if not args.cache_path:
-                with torch.no_grad(), ctx:
-                    x = tok.encode(x).float()
-            yield (x - mean) / std, y                                        # per-channel normalization
-
     model.train()
     sums, n_sum, t0 = {}, 0, time.time()
     streak, nonfinite = 0, 0  # consecutive non-finite steps; skipped updates since the last log
@@ -247,7 +248,18 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr
         log_now = args.log_every > 0 and ((step + 1) % args.log_every == 0 or step + 1 == args.max_steps)
-        terms = engine.accumulate(fwd, micro_batches(), accum, lambda f, b: transport.loss(f, *b), ctx, ddp)
+        terms = {}  # accum micro-batches, their gradients all-reduced on the last one only (DDP)
+        for i in range(accum):
+            x, y = next(stream)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if not args.cache_path:
+                with torch.no_grad(), ctx:
+                    x = tok.encode(x).float()
+            x = (x - mean) / std                                             # per-channel normalization
+            with (fwd.no_sync() if ddp and i < accum - 1 else nullcontext()), ctx:
+                out = transport.loss(fwd, x, y)
+                (out["loss"] / accum).backward()
+            engine.add_terms(terms, out, accum)
         gnorm = engine.clip_gradients(model.parameters(), args.grad_clip)
         streak = engine.nonfinite_streak(gnorm, streak, args.nonfinite_patience, log, step)
         if streak == 0:  # a non-finite step leaves the optimizer and the EMA untouched

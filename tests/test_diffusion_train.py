@@ -103,10 +103,12 @@ def test_lightning_recipe_and_on_the_fly_encoding(tok_ckpt, tmp_path):
     rec = _metrics(run)[-1]
     assert rec["cos"] > 0 and abs(rec["loss"] - rec["mse"] - rec["cos"]) < 1e-5
     assert os.path.exists(os.path.join(run, "grids", "0000002.png"))
-    args, _ = train_diffusion.parse_args(["--model", "LightningDiT-XL", "--cache_path", "x"])
+    args, _ = train_diffusion.resolve_flags(*train_diffusion.parse_args(["--model", "LightningDiT-XL",
+                                                                         "--cache_path", "x"]))
     assert (args.lr, args.beta2, args.global_batch_size, args.time_dist, args.cosine_loss) == \
         (2e-4, 0.95, 1024, "logit_normal", True)
-    args, _ = train_diffusion.parse_args(["--model", "SiT-XL", "--cache_path", "x"])
+    args, _ = train_diffusion.resolve_flags(*train_diffusion.parse_args(["--model", "SiT-XL", "--cache_path",
+                                                                         "x"]))
     assert (args.lr, args.weight_decay, args.global_batch_size, args.time_dist, args.cosine_loss) == \
         (1e-4, 0.0, 256, "uniform", False)
 

@@ -39,8 +39,7 @@ def script_config(preset, stage):
     _, args, explicit = tt.parse_args(["--preset", preset, "--stage", stage])
     tt.engine.apply_recipe(args, RECIPES[preset][stage], explicit)
     family = make_config(preset).family
-    over = {"maetok": tt.maetok_overrides, "mactok": tt.mactok_overrides, "aligntok": tt.aligntok_overrides}[family]
-    return args, stage_config(make_config(preset, **over(args)), stage)
+    return args, stage_config(make_config(preset, **tt.FAMILY_SETUP[family][0](args)), stage)
 
 
 def dinov2_patch_target(cfg, arch):
@@ -127,3 +126,23 @@ def test_aligntok_encoder_follows_the_image_size():
         model = build(small)
         z = model.encode(torch.randn(1, 3, 64, 64))
         assert tuple(z.shape) == (1, 16, 32) and tuple(model.decode(z).shape) == (1, 3, 64, 64)
+
+
+def test_mactok_encoder_init_and_aligntok_encoder_read_their_own_flags(monkeypatch):
+    """--encoder_init_ckpt is MacTok's DINOv2 start, --encoder_ckpt AlignTok's frozen encoder: one flag, one meaning."""
+    seen = []
+
+    def fake_load(arch, ckpt=None, **k):
+        seen.append((arch, ckpt))
+        raise FileNotFoundError("stop here")
+    monkeypatch.setattr(tt, "load_dinov2", fake_load)
+    _, args, _ = tt.parse_args(["--preset", "MacTok-B-128", "--encoder_init_ckpt", "b.pth", "--encoder_ckpt", "a.pth"])
+    with pytest.raises(SystemExit, match="MacTok encoder init"):
+        tt.init_encoder_from_dinov2(None, args, make_config("MacTok-B-128"))
+    _, args, _ = tt.parse_args(["--preset", "AlignTok-L-f16d32", "--encoder_init_ckpt", "b.pth", "--encoder_ckpt",
+                                "a.pth"])
+    with pytest.raises(SystemExit, match="AlignTok encoder"):
+        tt.init_aligntok_encoder(None, args, make_config("AlignTok-L-f16d32"))
+    assert seen == [("vitb14", "b.pth"), ("vitl14", "a.pth")]
+    with pytest.raises(SystemExit):                                        # the old MacTok spelling: named
+        tt.resolve_flags(*tt.parse_args(["--preset", "MacTok-tiny", "--encoder_ckpt", "b.pth"]), 1)
