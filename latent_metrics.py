@@ -13,10 +13,11 @@ normalised exactly as the denoiser sees them (per channel, train statistics) unl
   uniform  t-SNE density CV / Gini / entropy (exact t-SNE written here, sklearn's defaults) (6)
   equivariance  rot90 / scale, on grids directly, on 1D tokens as a learned linear map      (7, 10)
   trajectories  local straightness, global efficiency, per-segment length ratio            (8)
-  pearson / spearman / bootstrap intervals for the correlation study
+  statistics    Pearson / Spearman, permutation p-values, partial r, Holm's correction, bootstrap intervals
 
 Time here is nanotok's (t = 1 noise): IV(t) = sum lambda / (t^2 + (1 - t)^2 lambda), the notes' formula at 1 - t.
 """
+import itertools
 import math
 
 import numpy as np
@@ -494,6 +495,49 @@ def pearson(x, y):
 
 def spearman(x, y):
     return pearson(_rank(x), _rank(y))
+
+
+def _corr_rows(x, Y):
+    """Pearson r of x (n,) with every row of Y (P, n)."""
+    xc, Yc = x - x.mean(), Y - Y.mean(1, keepdims=True)
+    den = np.sqrt((xc ** 2).sum() * (Yc ** 2).sum(1))
+    return np.divide(Yc @ xc, den, out=np.full(len(Y), np.nan), where=den > 0)
+
+
+def permutation_p(x, y, rank=False, n=20_000, exact_max=8, seed=0):
+    """Two-sided p-value of Pearson r (Spearman rho with rank=True) under the null that y is exchangeable: over
+    all n! orders of y when n <= exact_max, else n random orders counted with the observed one,
+    (1 + #{|r*| >= |r|}) / (1 + n)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")                                                  # no correlation to test
+    if rank:
+        x, y = _rank(x), _rank(y)
+    obs = abs(pearson(x, y)) - 1e-12                                         # ties with |r| count as extreme
+    if len(y) <= exact_max:
+        Y = y[np.array(list(itertools.permutations(range(len(y)))))]        # (n!, n)
+        return float((np.abs(_corr_rows(x, Y)) >= obs).mean())
+    rng = np.random.default_rng(seed)
+    Y = y[np.argsort(rng.random((n, len(y))), axis=1)]                      # (n, n_obs)
+    return float((1 + (np.abs(_corr_rows(x, Y)) >= obs).sum()) / (1 + n))
+
+
+def partial_r(x, y, c):
+    """Partial correlation of x and y given c (first order): (r_xy - r_xc r_yc) / sqrt((1 - r_xc^2)(1 - r_yc^2));
+    NaN when c is constant (nothing to partial out: use r itself)."""
+    rxy, rxc, ryc = pearson(x, y), pearson(x, c), pearson(y, c)
+    den = math.sqrt(max((1 - rxc ** 2) * (1 - ryc ** 2), 0.0))
+    return (rxy - rxc * ryc) / den if den > 0 else float("nan")
+
+
+def holm(pvals):
+    """Holm-Bonferroni adjusted p-values (same order as given): family-wise error control over the tests."""
+    p = np.asarray(pvals, dtype=np.float64)
+    order = np.argsort(p)
+    adj = np.maximum.accumulate(p[order] * (len(p) - np.arange(len(p))))
+    out = np.empty_like(p)
+    out[order] = np.minimum(adj, 1.0)
+    return out.tolist()
 
 
 def bootstrap_ci(x, y, fn, n=1000, level=0.95, seed=0):

@@ -190,3 +190,38 @@ def test_shape_masks_agree_with_the_rendered_images(seed):
         inside, outside = img[m > 0.99].mean(0), img[m < 0.01].mean(0)
         assert np.abs(inside - fg).sum() < np.abs(outside - fg).sum(), i
     np.testing.assert_array_equal(src.mask(7), src.mask(7))
+
+
+def test_permutation_p_equals_brute_force_enumeration_and_monte_carlo_agrees():
+    import itertools
+    rng = np.random.default_rng(1)
+    for n in (4, 6):
+        x, y = rng.normal(size=n), rng.normal(size=n)
+        for rank, fn in ((False, lm.pearson), (True, lm.spearman)):
+            obs = abs(fn(x, y))
+            brute = np.mean([abs(fn(x, y[list(p)])) >= obs - 1e-12 for p in itertools.permutations(range(n))])
+            assert abs(lm.permutation_p(x, y, rank=rank) - brute) < 1e-12
+    x = rng.normal(size=8)
+    y = 0.6 * x + rng.normal(size=8)
+    exact = lm.permutation_p(x, y)                                          # 8! orders
+    mc = lm.permutation_p(x, y, n=20_000, exact_max=7)
+    assert abs(exact - mc) < 0.01 and 0 < exact < 1
+    assert lm.permutation_p(np.arange(4.0), np.arange(4.0)) == 2 / 24      # |r| = 1: the order and its reverse
+    assert np.isnan(lm.permutation_p(np.arange(4.0), np.ones(4)))          # nothing to test
+
+
+def test_partial_r_equals_the_correlation_of_regression_residuals():
+    rng = np.random.default_rng(2)
+    c = rng.normal(size=30)
+    x, y = c + rng.normal(size=30), 2 * c + 0.5 * rng.normal(size=30)
+    A = np.stack([np.ones(30), c], 1)
+    res = lambda v: v - A @ np.linalg.lstsq(A, v, rcond=None)[0]
+    assert abs(lm.partial_r(x, y, c) - lm.pearson(res(x), res(y))) < 1e-12
+    assert lm.pearson(x, y) > 0.5 and abs(lm.partial_r(x, y, c)) < 0.4     # c explains the correlation
+    assert np.isnan(lm.partial_r(x, y, np.ones(30)))                        # nothing to partial out
+
+
+def test_holm_adjusts_as_the_step_down_rule():
+    assert lm.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert lm.holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])
+    assert lm.holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])
