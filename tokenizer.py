@@ -6,7 +6,8 @@ presets, training stages and recipes; this file gathers them (it imports the fam
 Every family: a config dataclass with a `family` field and named presets, build(cfg), from_checkpoint(ckpt dict;
 released.load reads any path), encode(x) -> (B, L, C) (a grid tokenizer also reports its (H, W) as `grid`),
 decode(z), forward(x, ...) -> dict of scalar losses with 'loss' (plus the reconstruction 'rec' that the trainer's
-perceptual and adversarial terms need), and its stages: what each one trains (param_groups).
+perceptual and adversarial terms need), and its stages: what each one trains (param_groups). A latent_map
+tokenizer (latent_map.py) wraps any trained 1D-token tokenizer with an invertible linear map of its latents.
 """
 import json
 from dataclasses import dataclass, replace
@@ -15,6 +16,7 @@ import aligntok
 import maetok
 import mactok
 from aligntok import VAVAE, AlignTok, AlignTokConfig, VAVAEConfig
+from latent_map import LatentMapConfig, LatentMapped
 from maetok import MAETok, TokenizerConfig
 from mactok import MacTok, MacTokConfig
 
@@ -29,11 +31,12 @@ class Stage:
 
 FAMILIES = {"maetok": (TokenizerConfig, MAETok), "mactok": (MacTokConfig, MacTok),
             "aligntok": (AlignTokConfig, AlignTok), "vavae": (VAVAEConfig, VAVAE),
-            "autoencoderkl": (VAVAEConfig, VAVAE)}
+            "autoencoderkl": (VAVAEConfig, VAVAE), "latent_map": (LatentMapConfig, LatentMapped)}
 TRAINED = {"maetok": maetok, "mactok": mactok, "aligntok": aligntok}  # the families train_tokenizer.py trains
 STAGES = {family: {name: Stage(**s) for name, s in m.STAGES.items()} for family, m in TRAINED.items()}
 # the config overrides that drop a family's training-only parts (a later stage, every released-style checkpoint)
-INFERENCE_CONFIG = {**{family: m.INFERENCE_CONFIG for family, m in TRAINED.items()}, "vavae": {}, "autoencoderkl": {}}
+INFERENCE_CONFIG = {**{family: m.INFERENCE_CONFIG for family, m in TRAINED.items()}, "vavae": {}, "autoencoderkl": {},
+                    "latent_map": {}}
 PRESETS = {**maetok.PRESETS, **mactok.PRESETS, **aligntok.PRESETS}
 RECIPES = {**maetok.RECIPES, **mactok.RECIPES, **aligntok.RECIPES}
 NO_DECAY = ("pos_embed", "cls_token", "mask_token", "latent_tokens", "rope.freqs", "recon_token", "gamma")
@@ -67,6 +70,9 @@ def stage_config(cfg, stage):
 def build(cfg):
     if cfg.family not in FAMILIES:
         raise ValueError(f"unknown tokenizer family {cfg.family!r}; nanotok has {sorted(FAMILIES)}")
+    if cfg.family == "latent_map":  # a wrapper: its base first
+        base = config_from_dict(cfg.base)
+        return LatentMapped(build(replace(base, **INFERENCE_CONFIG[base.family])), cfg)
     return FAMILIES[cfg.family][1](cfg)
 
 
