@@ -10,8 +10,9 @@ definitions and section numbers: docs/metrics.md).
 
 Latents are normalised per channel with train statistics, as the denoiser sees them; KL tokenizers are measured
 on the posterior mean and on a sample (`posterior_sample`). The images are encoded across ranks; the metrics run
-on rank 0.
+on rank 0. `monitor` is the cheap view that train_tokenizer.py --diffusability_every logs while a tokenizer trains.
 """
+import math
 import os
 
 import torch
@@ -167,6 +168,38 @@ def trajectory_report(args, device, ctx):
     return {"trajectory_" + k: v for k, v in m.items()}
 
 
+MONITOR_CLASSES = 50  # the monitor's subset spans at most this many classes (ImageNet: 20 images of each of 50)
+
+
+def monitor_subset(labels, n, seed=0):
+    """n held-out indices, class-balanced over at most MONITOR_CLASSES evenly spaced classes (with 1000 classes,
+    1000 images would hold one per class: no neighbours or probe to measure)."""
+    classes = sorted(set(labels))
+    keep = set(classes[::math.ceil(len(classes) / MONITOR_CLASSES)])
+    idx = [i for i, c in enumerate(labels) if c in keep]
+    return [idx[j] for j in data.balanced_subset([labels[i] for i in idx], n, seed)]
+
+
+@torch.no_grad()
+def monitor(tok, ds, idx, labels, device, ctx, k=10, batch_size=128):
+    """LNC, linear-probe accuracy and VIV_norm (docs/metrics.md sections 1, 2) of tok's latents of ds[idx],
+    normalised per channel with the subset's own statistics; the probe trains on half of each class and is tested
+    on the other half. Draws no random numbers: the training run it watches is unchanged."""
+    z = []
+    for b in range(0, len(idx), batch_size):
+        x = torch.stack([ds[i][0] for i in idx[b:b + batch_size]]).to(device)
+        with ctx:
+            z.append(tok.encode(x).float().cpu())                            # (b, L, C)
+    z = torch.cat(z)
+    u = (z - z.mean((0, 1))) / z.std((0, 1)).clamp_min(1e-8)
+    y = torch.unique(torch.tensor(labels), return_inverse=True)[1]          # classes 0..K-1
+    tr, te = data.stratified_split(y.tolist(), 0.5, seed=0)
+    with torch.enable_grad():
+        probe = lm.linear_probe(u[tr], y[tr], u[te], y[te])
+    return {"lnc": lm.lnc(u.flatten(1), y, k, device), "linear_probe_accuracy": probe,
+            "viv_norm": lm.viv(u, y)["viv_norm"]}
+
+
 def run_name(path):
     """A run folder's name (for a checkpoint file: its run's)."""
     path = os.path.normpath(path)
@@ -210,5 +243,34 @@ def plot_diffusability(res, refs, path, W=760, H=420):
     d.text((px + pw - 30, py + ph + 6), "t = 1", fill="black")
     for j, r in enumerate(runs):
         d.text((px, py + ph + 24 + 14 * j), run_name(str(r.get("tokenizer"))), fill=colours[j % 6])
+    img.save(path)
+    print(f"wrote {path}")
+
+
+MONITOR_PANELS = (("pixel", "reconstruction loss (train)"), ("eval_psnr_ema", "held-out PSNR (EMA)"),
+                  ("monitor_lnc", "LNC"), ("monitor_linear_probe_accuracy", "linear probe"),
+                  ("monitor_viv_norm", "VIV_norm"))
+
+
+def plot_training_curves(rows, path, cell=240, m=34):
+    """One panel per curve of a tokenizer run's metrics.jsonl rows against the step: its reconstruction (training
+    loss, held-out PSNR) beside the diffusability monitor's LNC, probe and VIV_norm (train_tokenizer.py
+    --diffusability_every)."""
+    panels = [(k, t) for k, t in MONITOR_PANELS if any(k in r for r in rows)]
+    img = Image.new("RGB", (cell * max(len(panels), 1), cell), "white")
+    d = ImageDraw.Draw(img)
+    for i, (key, title) in enumerate(panels):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        s, v = zip(*pts)
+        ox = i * cell
+        d.rectangle([ox + m, m, ox + cell - 10, cell - m], outline="black")
+        sx = lambda x: ox + m + (cell - 10 - m) * (x - min(s)) / ((max(s) - min(s)) or 1)
+        sy = lambda y: cell - m - (cell - 2 * m) * (y - min(v)) / ((max(v) - min(v)) or 1)
+        d.line([(sx(a), sy(b)) for a, b in pts], fill=(31, 119, 180), width=2) if len(pts) > 1 else None
+        for a, b in pts if len(pts) < 40 else []:
+            d.ellipse([sx(a) - 2, sy(b) - 2, sx(a) + 2, sy(b) + 2], fill=(31, 119, 180))
+        d.text((ox + 6, 6), title, fill="black")
+        d.text((ox + 6, 18), f"{min(v):.3g} .. {max(v):.3g}", fill="gray")
+        d.text((ox + m, cell - m + 6), f"step {min(s)} .. {max(s)}", fill="black")
     img.save(path)
     print(f"wrote {path}")

@@ -563,6 +563,18 @@ def measure_diffusability(e, args, device, feats, ctx):
     return res
 
 
+def cmd_curves(args):
+    """A tokenizer run's reconstruction and diffusability-monitor curves (metrics.jsonl) in one PNG."""
+    import diffusability as dif
+    path = os.path.join(args.run, "metrics.jsonl")
+    if not os.path.isfile(path):
+        sys.exit(f"error: {args.run!r} holds no metrics.jsonl: give a train_tokenizer.py run folder")
+    rows = [json.loads(line) for line in open(path)]
+    if not any("monitor_lnc" in r for r in rows):
+        print("no diffusability monitor in this run (train_tokenizer.py --diffusability_every N): reconstruction only")
+    dif.plot_training_curves(rows, args.out or os.path.join(args.run, "curves.png"))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="nanotok metrics")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -623,6 +635,9 @@ def main(argv=None):
     dif.add_argument("--compare", default="", help="comma list of other diffusability JSONs for the plot")
     dif.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     feature_flags(dif, "proxy")
+    cur = sub.add_parser("curves", help="a tokenizer run's reconstruction and diffusability-monitor curves, PNG")
+    cur.add_argument("--run", required=True, help="train_tokenizer.py run folder (its metrics.jsonl)")
+    cur.add_argument("--out", default=None, help="output .png (default: curves.png in the run)")
     args = p.parse_args(argv)
     if args.cmd == "latent" and not (args.ckpt or args.cache_path):
         p.error("latent needs --ckpt or --cache_path")
@@ -630,7 +645,7 @@ def main(argv=None):
         p.error("--batch_size and --num_images must be positive")
     try:
         return {"gen": cmd_gen, "recon": cmd_recon, "latent": cmd_latent,
-                "diffusability": cmd_diffusability}[args.cmd](args)
+                "diffusability": cmd_diffusability, "curves": cmd_curves}[args.cmd](args)
     finally:  # under torchrun: tear gloo / NCCL down before exit (a live group can abort the process at exit)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

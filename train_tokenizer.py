@@ -1,6 +1,7 @@
 """
-Train a tokenizer of any family (MAETok, MacTok, AlignTok; each family brings its stages). One script for a CPU process, one GPU, or torchrun
-(DDP: NCCL on GPU, gloo on CPU).
+Train a tokenizer of any family (MAETok, MacTok, AlignTok; each family brings its stages). One script for a CPU
+process, one GPU, or torchrun (DDP: NCCL on GPU, gloo on CPU). Read top to bottom: the flags, each family's setup
+under its own header (FAMILY_SETUP), the GAN and the generator loss, then main() with the training step inline.
 
 CPU quick start (tiny preset, built-in data; the preset brings the quick start's batch, lr, warmup, EMA, steps):
   python train_tokenizer.py --preset tiny --perceptual_weight 0
@@ -14,6 +15,8 @@ AlignTok's three stages (latent alignment, perceptual alignment with L_sp, decod
   python train_tokenizer.py --stage decoder --init_from results/001-AlignTok-L-f16d32-perceptual
 Resume exactly where a run stopped (optionally with a new --max_steps):
   python train_tokenizer.py --resume results/000-MAETok-B-128
+Watch diffusability while it trains (LNC, linear probe, VIV_norm of the EMA latents; docs/study.md):
+  python train_tokenizer.py --preset tiny --perceptual_weight 0 --diffusability_every 100
 """
 import argparse
 import copy
@@ -29,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import diffusability
 import engine
 import released
 from aligntok import semantic_preservation
@@ -44,8 +48,9 @@ from vit import unpatchify
 # flags a resumed run may change; every other flag is restored from the checkpoint
 RESUME_FLAGS = ("max_steps", "decay_steps", "log_every", "eval_every", "ckpt_every", "grid_every", "num_workers",
                 "compile", "keep_checkpoints", "eval_images", "resume", "vgg_ckpt", "dinov2_ckpt", "siglip_ckpt",
-                "dino_ckpt", "disc_proxy_ckpt", "teacher_proxy_ckpt", "encoder_ckpt", "decoder_ckpt",
-                "micro_batch_size", "nonfinite_patience")
+                "dino_ckpt", "disc_proxy_ckpt", "teacher_proxy_ckpt", "encoder_ckpt", "encoder_init_ckpt",
+                "decoder_ckpt", "micro_batch_size", "nonfinite_patience", "diffusability_every",
+                "diffusability_images")
 ALL_STAGES = sorted({s for stages in STAGES.values() for s in stages})
 AUX_TARGETS = ("hog", "dinov2", "siglip")
 
@@ -98,9 +103,12 @@ def parse_args(argv=None):
     gc.add_argument("--teacher_proxy_ckpt", default=None, help="--teacher proxy: a proxy.py checkpoint")
     gc.add_argument("--encoder_init", default=None, choices=["dinov2", "scratch"],
                    help="MacTok: encoder from the DINOv2 of its width (paper) or from scratch (default: preset)")
+    gc.add_argument("--encoder_init_ckpt", default=None,
+                   help="MacTok --encoder_init dinov2: a local DINOv2 .pth of the encoder's width (default: official "
+                        "URL)")
     ga.add_argument("--encoder_ckpt", default=None,
-                   help="MacTok --encoder_init dinov2: a local DINOv2 .pth; AlignTok: its encoder's weights, the "
-                        "DINOv2 .pth (default: official URL) or, for --preset AlignTok-tiny, a proxy.py checkpoint")
+                   help="AlignTok: the frozen foundation encoder's weights, a DINOv2 .pth (default: official URL) or, "
+                        "for --preset AlignTok-tiny, a proxy.py checkpoint")
     ga.add_argument("--decoder_ckpt", default=None,
                    help="AlignTok stage align: start the decoder from VA-VAE's (its release .pt, or any checkpoint "
                         "with decoder.* and post_quant_conv.*; default: random, as the paper)")
@@ -155,6 +163,11 @@ def parse_args(argv=None):
     gr.add_argument("--log_every", type=int, default=100, help="steps between metrics.jsonl lines (-1 off)")
     gr.add_argument("--eval_every", type=int, default=10_000, help="steps between held-out PSNR evals (-1 off)")
     gr.add_argument("--eval_images", type=int, default=1000, help="held-out images per eval (class-balanced)")
+    gr.add_argument("--diffusability_every", type=int, default=5000,
+                    help="steps between the diffusability monitor's LNC / linear probe / VIV_norm of the EMA model's "
+                         "latents on held-out images (metrics.jsonl; -1 off)")
+    gr.add_argument("--diffusability_images", type=int, default=1000,
+                    help="held-out images of the monitor (class-balanced, at most 50 classes)")
     gr.add_argument("--ckpt_every", type=int, default=10_000, help="steps between checkpoints (-1: only last)")
     gr.add_argument("--grid_every", type=int, default=5000, help="steps between picture grids (-1 off)")
     gr.add_argument("--keep_checkpoints", type=int, default=3, help="newest checkpoints kept (0 = all)")
@@ -189,6 +202,7 @@ def validate(p, args):
                                                             "stages continue theirs from --init_from)"),
         (args.image_size is None or args.image_size > 0, "--image_size must be positive"),
         (args.builtin_size > 0 and args.eval_images > 0, "--builtin_size and --eval_images must be positive"),
+        (args.diffusability_images >= 20, "--diffusability_images must be at least 20"),
         (set(args.aux_targets.split(",")) <= {"", *AUX_TARGETS},
          f"--aux_targets {args.aux_targets!r}: choose from {','.join(AUX_TARGETS)}"),
     ]
@@ -197,12 +211,36 @@ def validate(p, args):
             p.error(msg)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# MAETok: its config flags, and the frozen teachers of its aux targets (DINOv2, SigLIP; outside the checkpoint)
+
 def maetok_overrides(args):
     over = {"aux_targets": tuple(t for t in args.aux_targets.split(",") if t),
             "mask_ratio": args.mask_ratio, "mask_ratio_min": args.mask_ratio_min,
             "feature_dims": {"dinov2": DINOV2_ARCHS[args.dinov2_arch][0], "siglip": SIGLIP_SO400M[0]}}
     return {**over, **{k: getattr(args, k) for k in ("image_size", "rope") if getattr(args, k)}}
 
+
+def maetok_teachers(model, args, cfg, device):
+    """The aux decoders' feature targets: frozen DINOv2 and SigLIP, attached to the model (not to its EMA)."""
+    if "dinov2" in getattr(model, "aux", {}):
+        try:
+            teacher = dinov2_target(cfg.image_size, cfg.patch_size, args.dinov2_arch, args.dinov2_mode,
+                                    args.dinov2_ckpt).to(device)
+        except (RuntimeError, FileNotFoundError, KeyError) as e:
+            sys.exit(f"error: DINOv2 target: {e} (or train without it: --aux_targets hog)")
+        model.set_feature_target("dinov2", teacher)
+    if "siglip" in getattr(model, "aux", {}):
+        try:
+            teacher = siglip_target(cfg.patch_size, args.siglip_ckpt).to(device)
+        except (RuntimeError, FileNotFoundError, KeyError) as e:
+            sys.exit(f"error: SigLIP target: {e} (or train without it: --aux_targets hog,dinov2)")
+        model.set_feature_target("siglip", teacher)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MacTok: its config flags, its encoder from DINOv2 (a fresh run, the paper's), and the teacher of semantic
+# masking and alignment
 
 def mactok_overrides(args):
     keys = ("kl_weight", "mask_ratio_max", "mask_ratio_dist", "semantic_mask_prob", "mask_tokens", "align_weight",
@@ -217,6 +255,46 @@ def mactok_overrides(args):
                                else load_proxy(args.teacher_proxy_ckpt).cfg.feature_dim)
     return over
 
+
+def init_encoder_from_dinov2(model, args, cfg):
+    """MacTok's encoder from the official DINOv2 of its width, converted to its patch size and grid."""
+    arch = {384: "vits14", 768: "vitb14", 1024: "vitl14"}.get(cfg.enc_width)
+    if arch is None or cfg.enc_depth != DINOV2_ARCHS[arch][1]:
+        sys.exit(f"error: no DINOv2 has width {cfg.enc_width} and depth {cfg.enc_depth}: --encoder_init scratch")
+    try:
+        vit = load_dinov2(arch, ckpt=args.encoder_init_ckpt, patch_size=cfg.patch_size, grid=cfg.grid_size)
+    except (RuntimeError, FileNotFoundError, KeyError) as e:
+        sys.exit(f"error: MacTok encoder init: {e} (or --encoder_init scratch)")
+    model.encoder.vit.load_state_dict(vit.state_dict())
+    return arch
+
+
+def mactok_start(model, args, cfg, ckpt, init):
+    """A fresh MacTok's encoder from DINOv2 (--encoder_init dinov2): (what the encoder is, no L_sp reference)."""
+    if cfg.encoder_init == "dinov2" and ckpt is None and init is None:
+        return f"DINOv2 {init_encoder_from_dinov2(model, args, cfg)}", None
+    return None, None
+
+
+def build_teacher(args, cfg, device):
+    """MacTok's teacher (semantic masking, alignment): frozen, outside the checkpoint, reported by name."""
+    try:
+        if args.teacher == "dinov2":
+            return DINOv2Teacher(dinov2_target(cfg.image_size, cfg.patch_size, args.dinov2_arch, "patch",
+                                               args.dinov2_ckpt)).to(device)
+        return ProxyTeacher(load_proxy(args.teacher_proxy_ckpt), cfg.grid_size).to(device)
+    except (RuntimeError, FileNotFoundError, KeyError, ValueError) as e:
+        sys.exit(f"error: MacTok teacher: {e} (or train without one: --teacher none)")
+
+
+def mactok_teachers(model, args, cfg, device):
+    if args.teacher != "none" and (cfg.align or (cfg.mask_tokens == "image" and cfg.semantic_mask_prob > 0)):
+        model.set_teacher(build_teacher(args, cfg, device))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# AlignTok: its config flags, the frozen foundation encoder and VA-VAE's decoder of stage align, and stage
+# perceptual's reference for the semantic-preservation loss
 
 def aligntok_overrides(args):
     over = {"image_size": args.image_size} if args.image_size else {}
@@ -253,29 +331,31 @@ def init_aligntok_decoder(model, path):
     model.load_state_dict(got, strict=False)
 
 
-def build_teacher(args, cfg, device):
-    """MacTok's teacher (semantic masking, alignment): frozen, outside the checkpoint, reported by name."""
-    try:
-        if args.teacher == "dinov2":
-            return DINOv2Teacher(dinov2_target(cfg.image_size, cfg.patch_size, args.dinov2_arch, "patch",
-                                               args.dinov2_ckpt)).to(device)
-        return ProxyTeacher(load_proxy(args.teacher_proxy_ckpt), cfg.grid_size).to(device)
-    except (RuntimeError, FileNotFoundError, KeyError, ValueError) as e:
-        sys.exit(f"error: MacTok teacher: {e} (or train without one: --teacher none)")
+def aligntok_start(model, args, cfg, ckpt, init):
+    """Stage align of a fresh run: the pretrained encoder (and --decoder_ckpt's decoder). Stage perceptual: the frozen
+    stage-1 model as L_sp's reference (the weights it starts from; a resumed run's from its checkpoint).
+    Returns (what the encoder is, the reference or None)."""
+    encoder_src = None
+    if args.stage == "align" and ckpt is None:
+        encoder_src = init_aligntok_encoder(model, args, cfg)
+        if args.decoder_ckpt:
+            init_aligntok_decoder(model, args.decoder_ckpt)
+    ref = None
+    if args.stage == "perceptual" and args.sp_weight > 0:
+        ref = copy.deepcopy(model).requires_grad_(False).eval()
+        if ckpt is not None:
+            ref.load_state_dict(ckpt["sp_reference"])
+    return encoder_src, ref
 
 
-def init_encoder_from_dinov2(model, args, cfg):
-    """MacTok's encoder from the official DINOv2 of its width, converted to its patch size and grid."""
-    arch = {384: "vits14", 768: "vitb14", 1024: "vitl14"}.get(cfg.enc_width)
-    if arch is None or cfg.enc_depth != DINOV2_ARCHS[arch][1]:
-        sys.exit(f"error: no DINOv2 has width {cfg.enc_width} and depth {cfg.enc_depth}: --encoder_init scratch")
-    try:
-        vit = load_dinov2(arch, ckpt=args.encoder_ckpt, patch_size=cfg.patch_size, grid=cfg.grid_size)
-    except (RuntimeError, FileNotFoundError, KeyError) as e:
-        sys.exit(f"error: MacTok encoder init: {e} (or --encoder_init scratch)")
-    model.encoder.vit.load_state_dict(vit.state_dict())
-    return arch
+# per family: its config overrides from the flags, the start of a model (before the EMA copy), its frozen teachers
+FAMILY_SETUP = {"maetok": (maetok_overrides, None, maetok_teachers),
+                "mactok": (mactok_overrides, mactok_start, mactok_teachers),
+                "aligntok": (aligntok_overrides, aligntok_start, None)}
 
+
+# ----------------------------------------------------------------------------------------------------------
+# the GAN, the generator loss, evaluation
 
 def build_gan(args, ckpt, init, device, ddp, local):
     """The discriminator (heads seeded after the tokenizer), its optimizer (AdamW as G's, same schedule) and
@@ -415,6 +495,8 @@ def resolve_flags(p, args, explicit, world):
         cfg = stage_config(config_from_dict(init["config"]), args.stage)
     else:
         family = make_config(args.preset).family
+        if family == "mactok" and "encoder_ckpt" in explicit:
+            p.error("--encoder_ckpt is AlignTok's frozen encoder; MacTok's DINOv2 start is --encoder_init_ckpt")
         stages = STAGES[family]
         if args.stage == "main" and "main" not in stages:
             args.stage = next(iter(stages))                                 # AlignTok: its first stage, align
@@ -423,8 +505,7 @@ def resolve_flags(p, args, explicit, world):
         if stages[args.stage].init:
             p.error(f"--stage {args.stage} needs --init_from (the run or checkpoint it continues)")
         engine.apply_recipe(args, RECIPES.get(args.preset, {}).get(args.stage, {}), explicit)
-        over = {"maetok": maetok_overrides, "mactok": mactok_overrides, "aligntok": aligntok_overrides}[family]
-        cfg = make_config(args.preset, **over(args))
+        cfg = make_config(args.preset, **FAMILY_SETUP[family][0](args))
     if args.decay_steps is None:
         args.decay_steps = args.max_steps
     validate(p, args)
@@ -456,6 +537,11 @@ def main(argv=None):
     train_ds = data.ImageDataset(train_src, cfg.image_size, train=True, seed=args.seed, crop=args.crop or "random")
     val_ds = data.ImageDataset(val_src, cfg.image_size, train=False, seed=args.seed)
     eval_idx = data.balanced_subset(val_src.labels, args.eval_images, args.seed)  # every class, not the first n
+    monitor_idx = diffusability.monitor_subset(val_src.labels, args.diffusability_images)
+    monitor_classes = len(set(val_src.labels[i] for i in monitor_idx))
+    if args.diffusability_every > 0 and len(monitor_idx) < 2 * monitor_classes:
+        sys.exit(f"error: the diffusability monitor needs two held-out images per class of its "
+                 f"{monitor_classes} (a probe split): raise --diffusability_images to {2 * monitor_classes} or more")
     steps_per_epoch = math.ceil(len(train_ds) / world) // (micro * accum)
     if steps_per_epoch == 0:
         sys.exit(f"error: {len(train_ds)} training images are fewer than one global batch "
@@ -467,18 +553,8 @@ def main(argv=None):
     if init is not None:  # start from the EMA weights of the previous stage
         sd = init.get("ema") or init["model"]
         model.load_state_dict({k: v for k, v in sd.items() if not k.startswith(model.TRAIN_ONLY_PARAMS)})
-    if cfg.family == "mactok" and cfg.encoder_init == "dinov2" and ckpt is None and init is None:
-        init_encoder_from_dinov2(model, args, cfg)
-    encoder_src = None
-    if cfg.family == "aligntok" and args.stage == "align" and ckpt is None:
-        encoder_src = init_aligntok_encoder(model, args, cfg)
-        if args.decoder_ckpt:
-            init_aligntok_decoder(model, args.decoder_ckpt)
-    # AlignTok stage 2: the frozen stage-1 model is L_sp's reference (the weights it starts from)
-    ref = copy.deepcopy(model).requires_grad_(False).eval() if cfg.family == "aligntok" and \
-        args.stage == "perceptual" and args.sp_weight > 0 else None
-    if ref is not None and ckpt is not None:
-        ref.load_state_dict(ckpt["sp_reference"])
+    _, start, teachers = FAMILY_SETUP[cfg.family]
+    encoder_src, ref = start(model, args, cfg, ckpt, init) if start else (None, None)
     groups = param_groups(model, args.stage, args.weight_decay)             # freezes what the stage does not train
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=device.type == "cuda")
@@ -499,22 +575,8 @@ def main(argv=None):
             lpips = load_lpips(args.vgg_ckpt).to(device)
         except (RuntimeError, FileNotFoundError, KeyError) as e:
             sys.exit(f"error: LPIPS: {e} (or train without it: --perceptual_weight 0)")
-    if "dinov2" in getattr(model, "aux", {}):  # frozen teacher, not part of the checkpoint
-        try:
-            teacher = dinov2_target(cfg.image_size, cfg.patch_size, args.dinov2_arch, args.dinov2_mode,
-                                    args.dinov2_ckpt).to(device)
-        except (RuntimeError, FileNotFoundError, KeyError) as e:
-            sys.exit(f"error: DINOv2 target: {e} (or train without it: --aux_targets hog)")
-        model.set_feature_target("dinov2", teacher)
-    if cfg.family == "mactok" and args.teacher != "none" and (
-            cfg.align or (cfg.mask_tokens == "image" and cfg.semantic_mask_prob > 0)):
-        model.set_teacher(build_teacher(args, cfg, device))
-    if "siglip" in getattr(model, "aux", {}):
-        try:
-            teacher = siglip_target(cfg.patch_size, args.siglip_ckpt).to(device)
-        except (RuntimeError, FileNotFoundError, KeyError) as e:
-            sys.exit(f"error: SigLIP target: {e} (or train without it: --aux_targets hog,dinov2)")
-        model.set_feature_target("siglip", teacher)
+    if teachers:  # frozen, not part of the checkpoint
+        teachers(model, args, cfg, device)
     if args.compile:  # the adaptive weights (GAN, L_sp) differentiate w.r.t. one weight: its layer stays eager
         engine.keep_eager(model, ([model.last_layer] if args.disc != "none" else []) +
                           ([model.encoder_last_layer] if ref is not None else []))
@@ -574,6 +636,7 @@ def main(argv=None):
     model.train()
     sums, counts, n_sum, t0 = {}, {}, 0, time.time()
     streak, nonfinite, skipped = 0, 0, 0  # consecutive non-finite steps; skipped updates, unreadable images
+    monitor_s, t_run = 0.0, time.time()
     bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     while step < args.max_steps:
         lr = engine.cosine_lr(step, args.lr, args.warmup_steps, args.decay_steps, args.min_lr_ratio)
@@ -664,6 +727,14 @@ def main(argv=None):
                 log(f"step {step}: KL per element {d['kl_per_element']:.4f}, active units {d['active_units']}/"
                     f"{d['num_units']}, PSNR of D(mu) {d['psnr_mu']:.2f} dB against D(0) {d['psnr_prior']:.2f} dB")
                 run.metrics({"step": step, **{f"eval_{k}": v for k, v in d.items()}})
+        if args.diffusability_every > 0 and step % args.diffusability_every == 0:  # every rank: no collective
+            t_mon = time.time()
+            m = diffusability.monitor(ema, val_ds, monitor_idx, [val_src.labels[i] for i in monitor_idx], device, ctx)
+            monitor_s += time.time() - t_mon
+            log(f"step {step}: diffusability monitor ({len(monitor_idx)} images): LNC {m['lnc']:.3f}, linear probe "
+                f"{m['linear_probe_accuracy']:.3f}, VIV_norm {m['viv_norm']:.3f} ({time.time() - t_mon:.1f} s)")
+            run.metrics({"step": step, **{f"monitor_{k}": v for k, v in m.items()}, "monitor_s": time.time() - t_mon})
+            t0 += time.time() - t_mon                                        # not in the next img_per_s
         if rank == 0 and args.grid_every > 0 and (step % args.grid_every == 0 or step == args.max_steps):
             vis = getattr(cfg, "mask_ratio", getattr(cfg, "mask_ratio_max", 0.0))
             save_grid(model, ema, grid_x, vis if mask_ratio is None else mask_ratio,
@@ -671,7 +742,9 @@ def main(argv=None):
         if (args.ckpt_every > 0 and step % args.ckpt_every == 0) or step == args.max_steps:
             checkpoint(step)
     bar.close()
-    log(f"done: {step} steps, checkpoints in {os.path.join(run.dir, 'checkpoints')}")
+    log(f"done: {step} steps, checkpoints in {os.path.join(run.dir, 'checkpoints')}" + (
+        f"; the diffusability monitor took {monitor_s:.1f} s of {time.time() - t_run:.1f} s "
+        f"({100 * monitor_s / (time.time() - t_run):.1f}%)" if monitor_s else ""))
     if ddp:  # the DDP wrappers hold the process group: released first, so that it is shut down here, not at exit
         del fwd, disc_fwd
         torch.distributed.destroy_process_group()

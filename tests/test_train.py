@@ -385,3 +385,27 @@ def test_rank_zero_takes_every_thread_for_its_metrics():
             assert all(p["num_threads"] == n for p in threadpool_info() if p["user_api"] == "blas")
     finally:
         torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def test_the_diffusability_monitor_logs_finite_values_and_leaves_the_run_unchanged(tmp_path):
+    """--diffusability_every: LNC, probe and VIV_norm of the EMA latents in metrics.jsonl, and the same losses at
+    every step as the run without it (it draws no random numbers)."""
+    flags = BASE + ["--max_steps", "2", "--diffusability_images", "40"]
+    plain = train_tokenizer.main(flags + ["--diffusability_every", "-1", "--results_dir", str(tmp_path / "a")])
+    watched = train_tokenizer.main(flags + ["--diffusability_every", "1", "--results_dir", str(tmp_path / "b")])
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "img_per_s"} for r in rows
+                          if not any(k.startswith("monitor_") for k in r)]
+    assert strip(metrics(plain)) == strip(metrics(watched))
+    mon = [r for r in metrics(watched) if "monitor_lnc" in r]
+    assert [r["step"] for r in mon] == [1, 2]
+    for r in mon:
+        assert all(math.isfinite(r[f"monitor_{k}"]) for k in ("lnc", "linear_probe_accuracy", "viv_norm"))
+        assert 0 <= r["monitor_lnc"] <= 1 and 0 <= r["monitor_linear_probe_accuracy"] <= 1
+    assert "the diffusability monitor took" in open(os.path.join(watched, "log.txt")).read()
+    import diffusability
+    labels = list(range(1000)) * 3                                         # ImageNet-like: 50 classes, 2 of each
+    idx = diffusability.monitor_subset(labels, 100)
+    assert len(idx) == 100 and len({labels[i] for i in idx}) == 50
+    import evaluate
+    evaluate.main(["curves", "--run", watched])                            # its curves beside the reconstruction
+    assert os.path.getsize(os.path.join(watched, "curves.png")) > 0
