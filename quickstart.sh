@@ -30,15 +30,14 @@ stage cache
 run python cache_latents.py --tokenizer_ckpt "$TOK" --cache_path "$OUT/cache" --builtin_size 5000 --num_workers 1 \
     --cache_dtype float16
 # 4. the denoiser (tiny SiT, 128 wide x 6 layers, on the 32 x 8 latent tokens), with LightningDiT's logit-normal t
-#    (it beat SiT's uniform t: samples classified at 43% vs 37%, 192 wide x 1500 steps)
+#    (better than SiT's uniform t at this size: docs/benchmarks.md)
 stage denoiser
 run python train_diffusion.py --model tiny --cache_path "$OUT/cache" --results_dir "$OUT/diffusion" \
     --global_batch_size 64 --lr 1e-3 --time_dist logit_normal --max_steps 3600 --ema_decay 0.99 --log_every 100 \
     --grid_every 3600 --grid_cfg 4.0 --grid_steps 25 --ckpt_every 3600
 DIF=$(ls -d "$OUT"/diffusion/*/ | tail -n 1)
 # 5. samples (25 Euler steps): a grid (rows = classes, columns = seeds) and 500 samples without and with CFG.
-#    CFG 4 is the scale with the lowest proxy gFID at this size (1500-step denoiser: 21.2 / 16.8 / 15.6 / 16.9
-#    at CFG 2 / 3 / 4 / 5)
+#    CFG 4 is the scale with the lowest proxy gFID at this size (docs/benchmarks.md)
 stage samples
 run python sample.py --ckpt "$DIF" --classes 0,1,2,3,4,5,6,7,8,9 --seeds 0,1,2,3,4,5,6,7 --cfg_scale 4.0 \
     --num_steps 25 --out "$OUT/samples_cfg4.png"

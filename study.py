@@ -1,14 +1,19 @@
 """
-The diffusability study at small scale (docs/fidelity.md d.3): a family of tokenizers spanning the
-paper's regularisations is trained on the same data, each gets a latent cache, a tiny denoiser, samples and a
-proxy gFID, then every latent metric (evaluate.py diffusability); the script correlates each metric with gFID
-within the family (Pearson r and Spearman rho, bootstrap 95% intervals), with the paper's reconstruction control
-(members more than --psnr_gap dB under the family's median PSNR are left out of the primary correlation; all are
-also reported), and writes a markdown table, a JSON and a scatter grid.
+The diffusability study at small scale (docs/study.md): families of tokenizers, each member with a latent cache,
+tiny denoisers (one per seed), samples and a proxy gFID, then every latent metric (evaluate.py diffusability); the
+script correlates each metric with gFID within a family, with statistics fixed in advance (docs/study.md): Pearson r
+(the paper's statistic) and Spearman rho with permutation p-values, the partial r of log gFID given log rFID,
+Holm's correction over the primary metrics (VIV_norm, LNC, linear probe), the seed noise floor; a bootstrap interval
+only from 10 members up. It writes a markdown table, a JSON and a scatter grid.
 
-  python study.py                               # family A (1D tokens, 9: ~80 min on 2 CPU cores) and B (2D grids, 4: ~2 h)
-  python study.py --smoke                       # A1, A5, A7, A9
-  python study.py --members A1,A3 --out results/study-x
+  F: reconstruction held fixed by construction (the primary test): one plain AE, 12 invertible linear maps of its
+     latents (latent_map.py), decoded through the inverse: identical PSNR / rFID, different latent geometry
+  A: 1D-token tokenizers trained with the paper's regularisations (KL, masking, alignment); B: 2D grids (AlignTok's
+     stages). Reconstruction varies in both: the control drops members > --psnr_gap dB under the median.
+
+  python study.py                               # family F: 12 members x 2 denoiser seeds (docs/study.md: time)
+  python study.py --family A,B --seeds 0        # the trained families
+  python study.py --members F01,F05 --out results/study-x
   python study.py --launcher "torchrun --nproc_per_node=8" --data_path /data/imagenet/train \\
       --val_data_path /data/imagenet/val --tok_steps 20000 --dit_steps 50000 ...   # the same on GPUs
 
@@ -19,17 +24,24 @@ import argparse
 import glob
 import hashlib
 import json
+import math
 import os
 import shlex
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+import data
+import engine
+import latent_map
 import latent_metrics as lm
+import released
+import tokenizer
 
 MAE = ["--preset", "tiny"]
 KL = ["--preset", "MacTok-tiny", "--align", "", "--teacher", "none", "--semantic_mask_prob", "0"]
@@ -68,7 +80,19 @@ MEMBERS.update({
                                                              "--sp_weight", "1"]),
 })
 PARENTS = {"B3": "B2", "B4": "B2"}  # a later stage starts from the finished tokenizer of another member
-SMOKE = ["A1", "A5", "A7", "A9"]
+# family F, reconstruction fixed by construction: A1's plain AE (trained once, with the diffusability monitor on)
+# seen through invertible linear maps of its normalised latents (latent_map.py): class directions scaled (LDA gain),
+# the PCA spectrum raised to a power at fixed total variance, random dense mixes of a given condition number
+FIXED_BASE = MEMBERS["A1"][2]
+FIXED = {"F01": ("identity", 1), "F02": ("lda_gain", 0.25), "F03": ("lda_gain", 2), "F04": ("lda_gain", 4),
+         "F05": ("lda_gain", 8), "F06": ("pca_power", 0), "F07": ("pca_power", 0.5), "F08": ("pca_power", 1.5),
+         "F09": ("pca_power", 2), "F10": ("mix", 10), "F11": ("mix", 100), "F12": ("mix", 1000)}
+MEMBERS.update({m: ("F", f"A1 latents through {kind} {v:g}", None) for m, (kind, v) in FIXED.items()})
+SMOKE = ["F01", "F04", "F06", "F11"]
+PRIMARY = ("viv_norm", "lnc", "linear_probe_accuracy")  # Holm's correction runs over these (the paper's main three)
+# ... except where a design holds one fixed: an invertible linear map leaves the classes a linear probe can separate
+# unchanged (up to its regularisation), so family F cannot test the probe
+INVARIANT = {"F": ("linear_probe_accuracy",)}
 # the metrics correlated with gFID, and the direction the paper reports (+: higher metric, worse gFID); the
 # grid-only ones (SEC, LDS, CDS, SRSS, LNC-FG, the direct equivariance error) enter family B's table only
 METRICS = {"viv_norm": "+", "viv_marginal_norm": "+", "lnc": "-", "linear_probe_accuracy": "-",
@@ -83,8 +107,15 @@ METRICS = {"viv_norm": "+", "viv_marginal_norm": "+", "lnc": "-", "linear_probe_
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="the diffusability study at small scale")
     p.add_argument("--out", default="results/study", help="study folder (one sub-folder per member)")
-    p.add_argument("--members", default=",".join(MEMBERS), help="comma list of member ids")
+    p.add_argument("--family", default="F", help="comma list of families: F (fixed reconstruction), A, B")
+    p.add_argument("--members", default=None, help="comma list of member ids (default: every member of --family)")
     p.add_argument("--smoke", action="store_true", help=f"only {','.join(SMOKE)}")
+    p.add_argument("--seeds", default="0,1", help="denoiser seeds per member (their spread is the noise floor)")
+    p.add_argument("--time_dist", default="uniform", choices=["uniform", "logit_normal"],
+                   help="the denoisers' training t (uniform: as the paper's SiT; the A / B tables of docs/study.md "
+                        "were measured with logit_normal and one seed)")
+    p.add_argument("--monitor_every", type=int, default=100, help="family F's base tokenizer: the diffusability "
+                   "monitor's interval (train_tokenizer.py --diffusability_every)")
     p.add_argument("--launcher", default=sys.executable, help="how to run the scripts, e.g. 'torchrun --nproc_per_node=8'")
     p.add_argument("--data_path", default="builtin", help="training images (every script)")
     p.add_argument("--val_data_path", default=None, help="held-out images (builtin: its val split)")
@@ -94,7 +125,8 @@ def parse_args(argv=None):
     p.add_argument("--cache_images", type=int, default=5000, help="images in each latent cache")
     p.add_argument("--dit_model", default="tiny", help="denoiser preset of 1D-token members")
     p.add_argument("--dit_model_2d", default="LightningDiT-tiny", help="denoiser preset of 2D-grid members")
-    p.add_argument("--dit_steps", type=int, default=1500, help="denoiser steps per member")
+    p.add_argument("--dit_steps", type=int, default=1000, help="denoiser steps per member and seed (the A / B tables: "
+                   "1500)")
     p.add_argument("--dit_batch", type=int, default=64, help="denoiser global batch")
     p.add_argument("--num_samples", type=int, default=500, help="samples per member for gFID")
     p.add_argument("--sample_steps", type=int, default=25, help="Euler steps of those samples")
@@ -103,10 +135,21 @@ def parse_args(argv=None):
     p.add_argument("--tsne_reps", type=int, default=2, help="uniformity repetitions")
     p.add_argument("--proxy_steps", type=int, default=600, help="steps of the evaluation proxy and the teacher")
     p.add_argument("--psnr_gap", type=float, default=2.0, help="recon control: dB under the family median")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of each correlation")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of each correlation (only with "
+                   "10 members or more: below, the intervals are artefacts of few distinct resamples)")
+    p.add_argument("--permutations", type=int, default=20_000, help="Monte-Carlo permutations (exact up to 8 members)")
     p.add_argument("--num_workers", type=int, default=1, help="data loader workers of every script")
     args = p.parse_args(argv)
-    args.members = SMOKE if args.smoke else [m for m in args.members.split(",") if m]
+    fams = [f for f in args.family.split(",") if f]
+    if args.smoke:
+        args.members = SMOKE
+    elif args.members:
+        args.members = [m for m in args.members.split(",") if m]
+    else:
+        args.members = [m for m in MEMBERS if MEMBERS[m][0] in fams]
+    args.seeds = [int(v) for v in args.seeds.split(",") if v]
+    if not args.members or not args.seeds:
+        p.error("no members (--family F, A, B or --members) or no --seeds")
     bad = [m for m in args.members if m not in MEMBERS]
     if bad:
         p.error(f"unknown members {bad}: choose from {sorted(MEMBERS)}")
@@ -120,7 +163,7 @@ def parse_args(argv=None):
 def member_flags(mid, paths, out):
     """A member's train_tokenizer.py flags with the teacher proxy and the parent member's tokenizer filled in."""
     init = newest(os.path.join(out, PARENTS[mid], "tok")) if mid in PARENTS else None
-    return [f.format(teacher=paths["teacher"], init=init) for f in MEMBERS[mid][2]]
+    return [f.format(teacher=paths.get("teacher"), init=init) for f in MEMBERS[mid][2]]
 
 
 def run(args, script, *flags, log):
@@ -147,18 +190,21 @@ def shared(args):
     log = os.path.join(args.out, "shared.log")
     paths = {k: os.path.join(args.out, f) for k, f in (("proxy", "proxy.pt"), ("teacher", "teacher_proxy.pt"),
                                                          ("ref", "ref_val.npz"))}
-    data = ["--data_path", args.data_path] + (["--val_data_path", args.val_data_path] if args.val_data_path else [])
+    data_flags = ["--data_path", args.data_path] + (["--val_data_path", args.val_data_path] if args.val_data_path else [])
+    needs_teacher = any("{teacher}" in f for m in args.members for f in MEMBERS[m][2] or [])
     for key, seed in (("proxy", 0), ("teacher", 1)):
+        if key == "teacher" and not needs_teacher:
+            paths.pop("teacher")
+            continue
         if not os.path.exists(paths[key]):
             run(args, "proxy.py", "--steps", str(args.proxy_steps), "--seed", str(seed), "--out", paths[key],
                 "--image_size", str(args.image_size),
-                "--num_workers", str(args.num_workers), *data, log=log)
+                "--num_workers", str(args.num_workers), *data_flags, log=log)
     if not os.path.exists(paths["ref"]):
-        import data as d
-        src = d.build_source(args.val_data_path or args.data_path, args.image_size, "val", args.num_val)
-        idx = d.balanced_subset(src.labels, args.num_val)
-        ds = d.ImageDataset(src, args.image_size, train=False)
-        arr = np.stack([d.to_uint8(ds[i][0][None])[0].numpy() for i in idx])
+        src = data.build_source(args.val_data_path or args.data_path, args.image_size, "val", args.num_val)
+        idx = data.balanced_subset(src.labels, args.num_val)
+        ds = data.ImageDataset(src, args.image_size, train=False)
+        arr = np.stack([data.to_uint8(ds[i][0][None])[0].numpy() for i in idx])
         np.savez(paths["ref"], arr_0=arr, labels=np.array([src.labels[i] for i in idx]))
     return paths
 
@@ -172,13 +218,64 @@ def digest(path):
     return h.hexdigest()[:16]
 
 
+def fixed_base(args, paths):
+    """Family F's base: A1's plain AE trained once (with the diffusability monitor on), its float32 latent cache,
+    and (z (N, L, C), labels) of the cache's images, from which every map is made."""
+    d = os.path.join(args.out, "F-base")
+    log = os.path.join(d, "log.txt")
+    os.makedirs(d, exist_ok=True)
+    tok = newest(os.path.join(d, "tok"))
+    if tok is None or not glob.glob(os.path.join(tok, "checkpoints", "*.pt")):
+        print("family F: the base tokenizer (A1's recipe)", flush=True)
+        run(args, "train_tokenizer.py", *FIXED_BASE, "--perceptual_weight", "0", "--max_steps", str(args.tok_steps),
+            "--eval_every", str(args.tok_steps), "--grid_every", "-1", "--ckpt_every", str(args.tok_steps),
+            "--log_every", "50", "--diffusability_every", str(args.monitor_every), "--results_dir",
+            os.path.join(d, "tok"), "--data_path", args.data_path, "--builtin_size", str(args.builtin_size),
+            "--num_workers", str(args.num_workers), log=log)
+        tok = newest(os.path.join(d, "tok"))
+    cache = os.path.join(d, "cache")
+    if not os.path.exists(os.path.join(cache, "meta.json")):
+        print("family F: the base latent cache", flush=True)
+        run(args, "cache_latents.py", "--tokenizer_ckpt", tok, "--cache_path", cache, "--data_path", args.data_path,
+            "--builtin_size", str(args.cache_images), "--num_workers", str(args.num_workers), log=log)
+    c = data.LatentCache(cache)
+    z = torch.cat([s["latents"] for s in c.shards]).float()
+    y = torch.cat([s["labels"] for s in c.shards])
+    return tok, z, y
+
+
+def mapped_tokenizer(args, mid, base, path):
+    """A family-F member: the base tokenizer and its map T, saved as a tokenizer checkpoint (latent_map.py)."""
+    tok_path, z, y = base
+    ckpt = released.load(tok_path)
+    base_tok = tokenizer.from_checkpoint(ckpt)
+    mean, std = z.double().mean((0, 1)), z.double().std((0, 1))
+    u = ((z.double() - mean) / std).flatten(1)                               # (N, L C)
+    kind, value = FIXED[mid]
+    T = latent_map.make_map(kind, value, u, y, seed=0)  # one rotation pair for every kappa: only kappa varies
+    cfg = latent_map.LatentMapConfig(base=asdict(base_tok.cfg), map=kind, value=float(value), seed=0)
+    tok = tokenizer.build(cfg)
+    tok.base.load_state_dict(base_tok.state_dict())
+    tok.set_map(T, mean, std)
+    state = {"config": asdict(cfg), "ema": tok.state_dict(), "model": None, "step": ckpt.get("step"),
+             "args": {"base": os.path.abspath(engine.find_checkpoint(tok_path)), "map": kind, "value": value}}
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return float(torch.linalg.cond(T))
+
+
 def member(args, mid, paths, k, n):
-    """Train, cache, denoise, sample, score and measure one member; returns its summary."""
+    """Train (or map), cache, denoise (one run per seed), sample, score and measure one member; its summary."""
     fam, what, _ = MEMBERS[mid]
     d = os.path.join(args.out, mid)
     summary = os.path.join(d, "summary.json")
+    protocol = {"seeds": args.seeds, "time_dist": args.time_dist, "dit_steps": args.dit_steps,
+                "tok_steps": args.tok_steps, "num_samples": args.num_samples}
     if os.path.exists(summary):
         done = json.load(open(summary))
+        if done.get("protocol", protocol) != protocol:  # (the A / B summaries predate the record: taken as they are)
+            sys.exit(f"error: {summary} was measured with {done['protocol']}, this call asks for {protocol}: pass "
+                     f"the same flags, or another --out")
         used = {key: done.get(f"{key}_digest") for key in ("proxy", "teacher")}
         now = {key: digest(paths[key]) for key in used if paths.get(key) and used[key]}
         if any(used[key] != now[key] for key in now):  # a summary from another study folder: other proxies
@@ -190,38 +287,53 @@ def member(args, mid, paths, k, n):
     log = os.path.join(d, "log.txt")
     t0 = time.time()
     stage = lambda s: print(f"[{k}/{n}] {mid} {s} ({(time.time() - t0) / 60:.1f} min) - {what}", flush=True)
-    data = ["--data_path", args.data_path, "--builtin_size", str(args.builtin_size)]
+    data_flags = ["--data_path", args.data_path, "--builtin_size", str(args.builtin_size)]
     common = ["--num_workers", str(args.num_workers)]
-    if newest(os.path.join(d, "tok")) is None or not glob.glob(os.path.join(newest(os.path.join(d, "tok")), "checkpoints", "*.pt")):
-        stage("tokenizer")
-        run(args, "train_tokenizer.py", *member_flags(mid, paths, args.out), "--perceptual_weight",
-            "0", "--max_steps", str(args.tok_steps), "--eval_every", str(args.tok_steps), "--grid_every", "-1",
-            "--ckpt_every", str(args.tok_steps), "--log_every", "50", "--results_dir", os.path.join(d, "tok"),
-            *data, *common, log=log)
-    tok = newest(os.path.join(d, "tok"))
+    extra = {}
+    if fam == "F":
+        tok = os.path.join(d, "tokenizer.pt")
+        if not os.path.exists(tok):
+            stage("mapped tokenizer")
+            extra["condition_number"] = mapped_tokenizer(args, mid, fixed_base(args, paths), tok)
+        extra["condition_number"] = extra.get("condition_number") or float(torch.linalg.cond(
+            torch.load(tok, weights_only=True)["ema"]["T"]))
+    else:
+        if newest(os.path.join(d, "tok")) is None or not glob.glob(os.path.join(newest(os.path.join(d, "tok")),
+                                                                                "checkpoints", "*.pt")):
+            stage("tokenizer")
+            run(args, "train_tokenizer.py", *member_flags(mid, paths, args.out), "--perceptual_weight",
+                "0", "--max_steps", str(args.tok_steps), "--eval_every", str(args.tok_steps), "--grid_every", "-1",
+                "--ckpt_every", str(args.tok_steps), "--log_every", "50", "--results_dir", os.path.join(d, "tok"),
+                *data_flags, *common, log=log)
+        tok = newest(os.path.join(d, "tok"))
     cache = os.path.join(d, "cache")
     if not os.path.exists(os.path.join(cache, "meta.json")):
-        stage("latent cache")
-        run(args, "cache_latents.py", "--tokenizer_ckpt", tok, "--cache_path", cache, "--data_path", args.data_path,
-            "--builtin_size", str(args.cache_images), "--cache_dtype", "float16", *common, log=log)
-    if newest(os.path.join(d, "dit")) is None or not glob.glob(os.path.join(newest(os.path.join(d, "dit")), "checkpoints", "*.pt")):
-        stage("denoiser")
-        model = args.dit_model_2d if json.load(open(os.path.join(cache, "meta.json"))).get("grid") else args.dit_model
-        run(args, "train_diffusion.py", "--model", model, "--cache_path", cache, "--results_dir",
-            os.path.join(d, "dit"), "--global_batch_size", str(args.dit_batch), "--lr", "1e-3", "--time_dist",
-            "logit_normal", "--max_steps", str(args.dit_steps), "--ema_decay", "0.99", "--log_every", "100",
-            "--grid_every", "-1", "--ckpt_every", str(args.dit_steps), *common, log=log)
-    dit = newest(os.path.join(d, "dit"))
+        stage("latent cache")  # A / B: float16, as their tables were measured; F: float32 (T^-1 would amplify
+        run(args, "cache_latents.py", "--tokenizer_ckpt", tok, "--cache_path", cache, "--data_path",  # rounding)
+            args.data_path, "--builtin_size", str(args.cache_images), "--cache_dtype",
+            "float32" if fam == "F" else "float16", *common, log=log)
+    model = args.dit_model_2d if json.load(open(os.path.join(cache, "meta.json"))).get("grid") else args.dit_model
     P = ["--feature_net", "proxy", "--proxy_ckpt", paths["proxy"]]
-    gen = {}
-    for cfg in (1.0, args.cfg_scale):
-        npz, js = os.path.join(d, f"samples_cfg{cfg:g}.npz"), os.path.join(d, f"gen_cfg{cfg:g}.json")
-        if not os.path.exists(js):
-            stage(f"samples and gFID, CFG {cfg:g}")
-            run(args, "sample.py", "--ckpt", dit, "--num_samples", str(args.num_samples), "--batch_size", "250",
-                "--num_steps", str(args.sample_steps), "--cfg_scale", str(cfg), "--out", npz, log=log)
-            run(args, "evaluate.py", "gen", "--samples", npz, "--ref", paths["ref"], *P, "--out", js, log=log)
-        gen[cfg] = json.load(open(js))
+    gen, dits = {}, {}
+    for seed in args.seeds:
+        runs = os.path.join(d, "dit" if seed == 0 else f"dit-seed{seed}")
+        if newest(runs) is None or not glob.glob(os.path.join(newest(runs), "checkpoints", "*.pt")):
+            stage(f"denoiser, seed {seed}")
+            run(args, "train_diffusion.py", "--model", model, "--cache_path", cache, "--results_dir", runs,
+                "--global_batch_size", str(args.dit_batch), "--lr", "1e-3", "--time_dist", args.time_dist,
+                "--max_steps", str(args.dit_steps), "--ema_decay", "0.99", "--log_every", "100", "--grid_every",
+                "-1", "--ckpt_every", str(args.dit_steps), "--seed", str(seed), *common, log=log)
+        dits[seed] = newest(runs)
+        for cfg in (1.0, args.cfg_scale):
+            tag = f"cfg{cfg:g}" + ("" if seed == 0 else f"_seed{seed}")
+            npz, js = os.path.join(d, f"samples_{tag}.npz"), os.path.join(d, f"gen_{tag}.json")
+            if not os.path.exists(js):
+                stage(f"samples and gFID, CFG {cfg:g}, seed {seed}")
+                run(args, "sample.py", "--ckpt", dits[seed], "--num_samples", str(args.num_samples), "--batch_size",
+                    "250", "--num_steps", str(args.sample_steps), "--cfg_scale", str(cfg), "--seed", str(seed),
+                    "--out", npz, log=log)
+                run(args, "evaluate.py", "gen", "--samples", npz, "--ref", paths["ref"], *P, "--out", js, log=log)
+            gen[seed, cfg] = json.load(open(js))
     recon = os.path.join(d, "recon.json")
     if not os.path.exists(recon):
         stage("reconstruction")
@@ -232,16 +344,23 @@ def member(args, mid, paths, k, n):
     if not os.path.exists(dif):
         stage("latent metrics")
         val = ["--data_path", args.val_data_path, "--train_path", args.data_path] if args.val_data_path else []
-        run(args, "evaluate.py", "diffusability", "--tokenizer_ckpt", tok, "--denoiser_ckpt", dit, *P, *val,
-            "--num_val", str(args.num_val), "--num_ifid", str(min(1000, args.num_val)), "--tsne_reps",
+        run(args, "evaluate.py", "diffusability", "--tokenizer_ckpt", tok, "--denoiser_ckpt", dits[args.seeds[0]],
+            *P, *val, "--num_val", str(args.num_val), "--num_ifid", str(min(1000, args.num_val)), "--tsne_reps",
             str(args.tsne_reps), "--out", dif, log=log)
     r, m = json.load(open(recon)), json.load(open(dif))
-    out = {"id": mid, "family": fam, "what": what, "tokenizer": tok, "denoiser": dit,
-           "gfid": gen[1.0]["proxy_fid"], "gfid_cfg": gen[args.cfg_scale]["proxy_fid"],
-           "sample_class_accuracy": gen[1.0].get("class_accuracy"), "psnr": r["psnr"], "proxy_rfid": r["proxy_rfid"],
+    per_seed = lambda cfg, key: [gen[s, cfg].get(key) for s in args.seeds]
+    out = {"id": mid, "family": fam, "what": what, "tokenizer": tok, "denoiser": dits[args.seeds[0]],
+           "protocol": protocol, "gfid_seeds": per_seed(1.0, "proxy_fid"),
+           "gfid_cfg_seeds": per_seed(args.cfg_scale, "proxy_fid"),
+           "gfid": float(np.mean(per_seed(1.0, "proxy_fid"))),
+           "gfid_cfg": float(np.mean(per_seed(args.cfg_scale, "proxy_fid"))),
+           "sample_class_accuracy": gen[args.seeds[0], 1.0].get("class_accuracy"),
+           "sample_class_accuracy_cfg": gen[args.seeds[0], args.cfg_scale].get("class_accuracy"),
+           "psnr": r["psnr"], "proxy_rfid": r["proxy_rfid"], **extra,
            **{k: v for k, v in m.items() if isinstance(v, float)},
            "posterior_sample": {k: v for k, v in m.get("posterior_sample", {}).items() if isinstance(v, float)},
-           "proxy_digest": digest(paths["proxy"]), "teacher_digest": digest(paths["teacher"])}
+           "proxy_digest": digest(paths["proxy"]),
+           "teacher_digest": digest(paths["teacher"]) if "teacher" in paths else None}
     with open(summary + ".tmp", "w") as f:
         json.dump(out, f, indent=1)
     os.replace(summary + ".tmp", summary)
@@ -249,44 +368,115 @@ def member(args, mid, paths, k, n):
     return out
 
 
+def spread_is_nil(x):
+    """A value held fixed by construction (family F's PSNR and rFID differ in float rounding only)."""
+    return np.ptp(x) <= 1e-3 * max(np.abs(x).max(), 1e-12)
+
+
+def verdict(e, sign, n_tests, args):
+    """The reading of one primary metric, by the rules fixed in advance (docs/study.md): 'reproduces' needs the
+    paper's sign, a Holm-corrected permutation p < 0.05 and a partial r (log gFID given log rFID) of the same sign."""
+    n = e["n"]
+    p_min = 1 / math.factorial(n) if n <= 8 else 1 / (1 + args.permutations)  # Pearson: one order reaches it
+    if n_tests * p_min >= 0.05:
+        return f"not tested (n = {n}: no order reaches a corrected p < 0.05)"
+    want = 1 if sign == "+" else -1
+    if e["pearson_p_holm"] >= 0.05:
+        return "does not reproduce (not significant)"
+    if np.sign(e["pearson"]) != want:
+        return "does not reproduce (opposite sign)"
+    pr = e["partial_r"]
+    if pr is not None and not (np.isfinite(pr) and np.sign(pr) == want):
+        return "does not reproduce (sign lost given rFID)"
+    return "reproduces"
+
+
 def correlate(rows, target, args):
-    """Per metric: r and rho with bootstrap intervals, on the recon-controlled members and on all."""
+    """Per metric, on the recon-controlled members and on all: Pearson r and Spearman rho with permutation p-values,
+    the partial r of log target given log rFID (None when rFID is fixed), bootstrap intervals from 10 members up;
+    Holm's correction and a verdict for the primary metrics (controlled set)."""
     psnr = np.array([r["psnr"] for r in rows])
     keep = psnr >= np.median(psnr) - args.psnr_gap
+    y_all, c_all = np.array([r[target] for r in rows]), np.log([r["proxy_rfid"] for r in rows])
     table = {}
     for key in METRICS:
         vals = [r.get(key) for r in rows]
         if any(v is None or not np.isfinite(v) for v in vals):
             continue
-        x, y = np.array(vals, dtype=float), np.array([r[target] for r in rows])
+        x = np.array(vals, dtype=float)
         entry = {}
         for name, sel in (("controlled", keep), ("all", np.ones(len(rows), bool))):
-            if sel.sum() < 3 or np.ptp(x[sel]) == 0:
+            if sel.sum() < 3 or spread_is_nil(x[sel]):
                 continue
-            entry[name] = {"n": int(sel.sum()), "pearson": lm.pearson(x[sel], y[sel]),
-                           "pearson_ci": lm.bootstrap_ci(x[sel], y[sel], lm.pearson, args.bootstrap),
-                           "spearman": lm.spearman(x[sel], y[sel]),
-                           "spearman_ci": lm.bootstrap_ci(x[sel], y[sel], lm.spearman, args.bootstrap)}
+            xs, ys, cs = x[sel], y_all[sel], c_all[sel]
+            e = {"n": int(sel.sum()), "pearson": lm.pearson(xs, ys), "spearman": lm.spearman(xs, ys),
+                 "pearson_p": lm.permutation_p(xs, ys, n=args.permutations),
+                 "spearman_p": lm.permutation_p(xs, ys, rank=True, n=args.permutations),
+                 "partial_r": None if spread_is_nil(cs) else  # rFID given itself: nothing left to measure
+                 float("nan") if key == "proxy_rfid" else lm.partial_r(xs, np.log(ys), cs)}
+            if sel.sum() >= 10:
+                e["pearson_ci"] = lm.bootstrap_ci(xs, ys, lm.pearson, args.bootstrap)
+                e["spearman_ci"] = lm.bootstrap_ci(xs, ys, lm.spearman, args.bootstrap)
+            entry[name] = e
         if entry:
             table[key] = entry
+    fixed = INVARIANT.get(rows[0]["family"], ())
+    prim = [k for k in PRIMARY if "controlled" in table.get(k, {}) and k not in fixed]
+    for k, p_adj in zip(prim, lm.holm([table[k]["controlled"]["pearson_p"] for k in prim])):
+        e = table[k]["controlled"]
+        e["pearson_p_holm"] = p_adj
+        e["verdict"] = verdict(e, METRICS[k], len(prim), args)
+    for k in fixed:
+        if "controlled" in table.get(k, {}):
+            table[k]["controlled"]["verdict"] = "not tested (invariant by construction)"
     return table, [r["id"] for r, k in zip(rows, keep) if not k]
 
 
+def noise_floor(rows, target):
+    """The seed noise floor of a family: the pooled within-member SD of `target` across denoiser seeds, the SD of
+    the member means, and the correlation of the first two seeds' values over members; None with one seed."""
+    seeds = [r.get(target + "_seeds") or [] for r in rows]
+    if any(len(v) < 2 for v in seeds):
+        return None
+    v = np.array([s[:2] for s in seeds], dtype=float)
+    return {"within_sd": float(np.sqrt(np.mean([np.var(s, ddof=1) for s in seeds]))),
+            "between_sd": float(np.std([np.mean(s) for s in seeds], ddof=1)),
+            "seed_r": lm.pearson(v[:, 0], v[:, 1]), "seeds": min(len(s) for s in seeds)}
+
+
 def markdown(rows, table, excluded, target, args):
-    lines = [f"Proxy gFID ({'no CFG' if target == 'gfid' else f'CFG {args.cfg_scale:g}'}) against each metric, "
-             f"family {rows[0]['family']}, {len(rows)} tokenizers; excluded by the recon control (PSNR more than {args.psnr_gap:g} dB "
-             f"under the median): {', '.join(excluded) or 'none'}.", "",
-             "| metric | paper's sign | r (controlled) [95% CI] | rho (controlled) [95% CI] | r (all) | rho (all) | n |",
-             "|---|---|---|---|---|---|---|"]
-    fmt = lambda e, k: f"{e[k]:+.2f} [{e[k + '_ci'][0]:+.2f}, {e[k + '_ci'][1]:+.2f}]" if e else "-"
+    fam = rows[0]["family"]
+    nf = noise_floor(rows, target)
+    head = (f"Proxy gFID ({'no CFG' if target == 'gfid' else f'CFG {args.cfg_scale:g}'}) against each metric, family "
+            f"{fam}, {len(rows)} tokenizers" + (f" (gFID: mean of {nf['seeds']} denoiser seeds)" if nf else
+                                                " (one denoiser seed)") + "; excluded by the recon control (PSNR more "
+            f"than {args.psnr_gap:g} dB under the median): {', '.join(excluded) or 'none'}. p: two-sided permutation "
+            "p-values (exact up to 8 members); partial r: log gFID against the metric given log rFID ('fixed': rFID "
+            "held fixed by construction); p Holm over " + ", ".join(
+                k for k in PRIMARY if k not in INVARIANT.get(fam, ())) + ".")
+    lines = [head, ""]
+    if nf:
+        lines += [f"Seed noise floor: within-member SD {nf['within_sd']:.2f}, between-member SD {nf['between_sd']:.2f}, "
+                  f"seed-to-seed r over members {nf['seed_r']:+.2f}.", ""]
+    lines += ["| metric | paper's sign | r | p | rho | p | partial r | p Holm | reading | r (all) | n |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, e in table.items():
         c, a = e.get("controlled"), e.get("all")
-        lines.append(f"| {key} | {METRICS[key]} | {fmt(c, 'pearson')} | {fmt(c, 'spearman')} | "
-                     f"{a['pearson']:+.2f} | {a['spearman']:+.2f} | {(c or a)['n']} |" if a else f"| {key} | - |")
-    lines += ["", "| id | tokenizer | PSNR | proxy rFID | gFID | gFID CFG | VIV_norm | LNC | probe |", "|---|---|---|---|---|---|---|---|---|"]
+        if c is None:
+            lines.append(f"| {key} | {METRICS[key]} | - | - | - | - | - | - | - | {a['pearson']:+.2f} | {a['n']} |")
+            continue
+        pr = "fixed" if c["partial_r"] is None else "-" if np.isnan(c["partial_r"]) else f"{c['partial_r']:+.2f}"
+        holm = f"{c['pearson_p_holm']:.3f}" if "pearson_p_holm" in c else "-"
+        lines.append(f"| {key} | {METRICS[key]} | {c['pearson']:+.2f} | {c['pearson_p']:.3f} | {c['spearman']:+.2f} | "
+                     f"{c['spearman_p']:.3f} | {pr} | {holm} | {c.get('verdict', '-')} | "
+                     f"{a['pearson']:+.2f} | {c['n']} |")
+    lines += ["", "| id | tokenizer | PSNR | proxy rFID | gFID | gFID CFG | VIV_norm | LNC | probe |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['id']} | {r['what']} | {r['psnr']:.2f} | {r['proxy_rfid']:.1f} | {r['gfid']:.2f} | "
-                     f"{r['gfid_cfg']:.2f} | {r['viv_norm']:.3f} | {r['lnc']:.3f} | {r['linear_probe_accuracy']:.3f} |")
+        g = lambda k: f"{r[k]:.2f}" + (f" ({', '.join(f'{v:.1f}' for v in r[k + '_seeds'])})"
+                                       if len(r.get(k + "_seeds") or []) > 1 else "")
+        lines.append(f"| {r['id']} | {r['what']} | {r['psnr']:.2f} | {r['proxy_rfid']:.1f} | {g('gfid')} | "
+                     f"{g('gfid_cfg')} | {r['viv_norm']:.3f} | {r['lnc']:.3f} | {r['linear_probe_accuracy']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -324,7 +514,8 @@ def main(argv=None):
         fam_rows = [r for r in rows if r["family"] == fam]
         for target in ("gfid", "gfid_cfg"):
             table, excluded = correlate(fam_rows, target, args)
-            report.setdefault(fam, {})[target] = {"table": table, "excluded": excluded}
+            report.setdefault(fam, {})[target] = {"table": table, "excluded": excluded,
+                                                  "noise_floor": noise_floor(fam_rows, target)}
             text += markdown(fam_rows, table, excluded, target, args) + "\n"
             if table:
                 pngs.append(f"scatter_{fam}_{target}.png")
