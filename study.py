@@ -3,8 +3,8 @@ The diffusability study at small scale (docs/study.md): families of tokenizers, 
 tiny denoisers (one per seed), samples and a proxy gFID, then every latent metric (evaluate.py diffusability); the
 script correlates each metric with gFID within a family, with statistics fixed in advance (docs/study.md): Pearson r
 (the paper's statistic) and Spearman rho with permutation p-values, the partial r of log gFID given log rFID,
-Holm's correction over the primary metrics (VIV_norm, LNC, linear probe), the seed noise floor; a bootstrap interval
-only from 10 members up. It writes a markdown table, a JSON and a scatter grid.
+Holm's correction over the primary metrics (VIV_norm, LNC, linear probe; F: the first two), the seed noise
+floor; a bootstrap interval only from 10 members up. It writes a markdown table, a JSON and a scatter grid.
 
   F: reconstruction held fixed by construction (the primary test): one plain AE, 12 invertible linear maps of its
      latents (latent_map.py), decoded through the inverse: identical PSNR / rFID, different latent geometry
