@@ -266,9 +266,11 @@ def plot_training_curves(rows, path, cell=240, m=34):
         d.rectangle([ox + m, m, ox + cell - 10, cell - m], outline="black")
         sx = lambda x: ox + m + (cell - 10 - m) * (x - min(s)) / ((max(s) - min(s)) or 1)
         sy = lambda y: cell - m - (cell - 2 * m) * (y - min(v)) / ((max(v) - min(v)) or 1)
-        d.line([(sx(a), sy(b)) for a, b in pts], fill=(31, 119, 180), width=2) if len(pts) > 1 else None
-        for a, b in pts if len(pts) < 40 else []:
-            d.ellipse([sx(a) - 2, sy(b) - 2, sx(a) + 2, sy(b) + 2], fill=(31, 119, 180))
+        if len(pts) > 1:
+            d.line([(sx(a), sy(b)) for a, b in pts], fill=(31, 119, 180), width=2)
+        if len(pts) < 40:  # the points too, where they are few enough to see
+            for a, b in pts:
+                d.ellipse([sx(a) - 2, sy(b) - 2, sx(a) + 2, sy(b) + 2], fill=(31, 119, 180))
         d.text((ox + 6, 6), title, fill="black")
         d.text((ox + 6, 18), f"{min(v):.3g} .. {max(v):.3g}", fill="gray")
         d.text((ox + m, cell - m + 6), f"step {min(s)} .. {max(s)}", fill="black")

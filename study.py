@@ -261,7 +261,6 @@ def mapped_tokenizer(args, mid, base, path):
              "args": {"base": os.path.abspath(engine.find_checkpoint(tok_path)), "map": kind, "value": value}}
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
-    return float(torch.linalg.cond(T))
 
 
 def member(args, mid, paths, k, n):
@@ -294,9 +293,8 @@ def member(args, mid, paths, k, n):
         tok = os.path.join(d, "tokenizer.pt")
         if not os.path.exists(tok):
             stage("mapped tokenizer")
-            extra["condition_number"] = mapped_tokenizer(args, mid, fixed_base(args, paths), tok)
-        extra["condition_number"] = extra.get("condition_number") or float(torch.linalg.cond(
-            torch.load(tok, weights_only=True)["ema"]["T"]))
+            mapped_tokenizer(args, mid, fixed_base(args, paths), tok)
+        extra["condition_number"] = float(torch.linalg.cond(torch.load(tok, weights_only=True)["ema"]["T"]))
     else:
         if newest(os.path.join(d, "tok")) is None or not glob.glob(os.path.join(newest(os.path.join(d, "tok")),
                                                                                 "checkpoints", "*.pt")):

@@ -538,7 +538,8 @@ def main(argv=None):
     val_ds = data.ImageDataset(val_src, cfg.image_size, train=False, seed=args.seed)
     eval_idx = data.balanced_subset(val_src.labels, args.eval_images, args.seed)  # every class, not the first n
     monitor_idx = diffusability.monitor_subset(val_src.labels, args.diffusability_images)
-    monitor_classes = len(set(val_src.labels[i] for i in monitor_idx))
+    monitor_labels = [val_src.labels[i] for i in monitor_idx]
+    monitor_classes = len(set(monitor_labels))
     if args.diffusability_every > 0 and len(monitor_idx) < 2 * monitor_classes:
         sys.exit(f"error: the diffusability monitor needs two held-out images per class of its "
                  f"{monitor_classes} (a probe split): raise --diffusability_images to {2 * monitor_classes} or more")
@@ -729,7 +730,7 @@ def main(argv=None):
                 run.metrics({"step": step, **{f"eval_{k}": v for k, v in d.items()}})
         if args.diffusability_every > 0 and step % args.diffusability_every == 0:  # every rank: no collective
             t_mon = time.time()
-            m = diffusability.monitor(ema, val_ds, monitor_idx, [val_src.labels[i] for i in monitor_idx], device, ctx)
+            m = diffusability.monitor(ema, val_ds, monitor_idx, monitor_labels, device, ctx)
             monitor_s += time.time() - t_mon
             log(f"step {step}: diffusability monitor ({len(monitor_idx)} images): LNC {m['lnc']:.3f}, linear probe "
                 f"{m['linear_probe_accuracy']:.3f}, VIV_norm {m['viv_norm']:.3f} ({time.time() - t_mon:.1f} s)")
