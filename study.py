@@ -8,10 +8,13 @@ floor; a bootstrap interval only from 10 members up. It writes a markdown table,
 
   F: reconstruction held fixed by construction (the primary test): one plain AE, 12 invertible linear maps of its
      latents (latent_map.py), decoded through the inverse: identical PSNR / rFID, different latent geometry
+  R: the regularisation axis with reconstruction controlled both ways: MAETok-tiny's mask ratio from 0 to 0.9, each
+     member followed by the decoder fine-tuning stage; only members within --psnr_band dB of the median are correlated
   A: 1D-token tokenizers trained with the paper's regularisations (KL, masking, alignment); B: 2D grids (AlignTok's
      stages). Reconstruction varies in both: the control drops members > --psnr_gap dB under the median.
 
   python study.py                               # family F: 12 members x 2 denoiser seeds (docs/study.md: time)
+  python study.py --family R --out results/study-R   # the mask-ratio family (docs/study.md: time)
   python study.py --family A,B --seeds 0        # the trained families
   python study.py --members F01,F05 --out results/study-x
   python study.py --launcher "torchrun --nproc_per_node=8" --data_path /data/imagenet/train \\
@@ -88,6 +91,21 @@ FIXED = {"F01": ("identity", 1), "F02": ("lda_gain", 0.25), "F03": ("lda_gain", 
          "F05": ("lda_gain", 8), "F06": ("pca_power", 0), "F07": ("pca_power", 0.5), "F08": ("pca_power", 1.5),
          "F09": ("pca_power", 2), "F10": ("mix", 10), "F11": ("mix", 100), "F12": ("mix", 1000)}
 MEMBERS.update({m: ("F", f"A1 latents through {kind} {v:g}", None) for m, (kind, v) in FIXED.items()})
+# family R, the regularisation axis with reconstruction controlled both ways: MAETok-tiny's mask ratio (the paper's
+# regulariser; the HOG target of the masked patches from a ratio > 0) swept from 0 to 0.9, every member then given MAETok's decoder
+# fine-tuning (encoder frozen, mask annealed to 0: the paper's way to recover reconstruction, --dec_steps); only
+# members within --psnr_band dB of the family's median PSNR enter the correlations
+masked = lambda lo, hi: MAE + ["--mask_ratio", f"{hi:g}", "--mask_ratio_min", f"{lo:g}"]
+MEMBERS.update({
+    "R1": ("R", "plain AE (mask 0, no aux target)", FIXED_BASE),
+    "R2": ("R", "mask 0.05-0.15, HOG target", masked(0.05, 0.15)),
+    "R3": ("R", "mask 0.2-0.4, HOG target", masked(0.2, 0.4)),
+    "R4": ("R", "mask 0.4-0.6, HOG target (MAETok-tiny)", masked(0.4, 0.6)),
+    "R5": ("R", "mask 0.6-0.75, HOG target", masked(0.6, 0.75)),
+    "R6": ("R", "mask 0.75-0.9, HOG target", masked(0.75, 0.9)),
+})
+DECODER_STAGE = ("R",)  # families whose members add the decoder fine-tuning stage
+BAND = ("R",)  # families whose recon control is two-sided (+-psnr_band), the rest one-sided (psnr_gap under)
 SMOKE = ["F01", "F04", "F06", "F11"]
 PRIMARY = ("viv_norm", "lnc", "linear_probe_accuracy")  # Holm's correction runs over these (the paper's main three)
 # ... except where a design holds one fixed: an invertible linear map leaves the classes a linear probe can separate
@@ -107,7 +125,8 @@ METRICS = {"viv_norm": "+", "viv_marginal_norm": "+", "lnc": "-", "linear_probe_
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="the diffusability study at small scale")
     p.add_argument("--out", default="results/study", help="study folder (one sub-folder per member)")
-    p.add_argument("--family", default="F", help="comma list of families: F (fixed reconstruction), A, B")
+    p.add_argument("--family", default="F", help="comma list of families: F (fixed reconstruction), R (mask ratio, "
+                   "reconstruction within a band), A, B")
     p.add_argument("--members", default=None, help="comma list of member ids (default: every member of --family)")
     p.add_argument("--smoke", action="store_true", help=f"only {','.join(SMOKE)}")
     p.add_argument("--seeds", default="0,1", help="denoiser seeds per member (their spread is the noise floor)")
@@ -134,7 +153,9 @@ def parse_args(argv=None):
     p.add_argument("--num_val", type=int, default=1000, help="held-out images for the latent metrics and recon")
     p.add_argument("--tsne_reps", type=int, default=2, help="uniformity repetitions")
     p.add_argument("--proxy_steps", type=int, default=600, help="steps of the evaluation proxy and the teacher")
-    p.add_argument("--psnr_gap", type=float, default=2.0, help="recon control: dB under the family median")
+    p.add_argument("--psnr_gap", type=float, default=2.0, help="recon control of A / B: dB under the family median")
+    p.add_argument("--psnr_band", type=float, default=1.0, help="recon control of R: dB either side of the median")
+    p.add_argument("--dec_steps", type=int, default=300, help="family R: decoder fine-tuning steps per member")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of each correlation (only with "
                    "10 members or more: below, the intervals are artefacts of few distinct resamples)")
     p.add_argument("--permutations", type=int, default=20_000, help="Monte-Carlo permutations (exact up to 8 members)")
@@ -183,6 +204,13 @@ def newest(folder):
     return runs[-1] if runs else None
 
 
+def finished(folder, steps):
+    """The newest run under `folder` if it saved its checkpoint of step `steps` (else None: the step runs again; a
+    run of another length, from a call with other flags, is not taken for this one)."""
+    run_dir = newest(folder)
+    return run_dir if run_dir and os.path.exists(os.path.join(run_dir, "checkpoints", f"{steps:07d}.pt")) else None
+
+
 def shared(args):
     """The evaluation proxy, the teacher proxy (another seed: alignment must not target the metric's network)
     and the reference images, once per study."""
@@ -209,6 +237,12 @@ def shared(args):
     return paths
 
 
+def last_eval_psnr(run_dir):
+    """The last held-out PSNR (EMA) a tokenizer run logged."""
+    lines = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl")) if '"eval_psnr_ema"' in l]
+    return lines[-1]["eval_psnr_ema"] if lines else None
+
+
 def digest(path):
     """A short hash of a checkpoint's tensors (not of the file): which proxies scored a summary."""
     sd = torch.load(path, map_location="cpu", weights_only=True)["model"]
@@ -224,8 +258,8 @@ def fixed_base(args, paths):
     d = os.path.join(args.out, "F-base")
     log = os.path.join(d, "log.txt")
     os.makedirs(d, exist_ok=True)
-    tok = newest(os.path.join(d, "tok"))
-    if tok is None or not glob.glob(os.path.join(tok, "checkpoints", "*.pt")):
+    tok = finished(os.path.join(d, "tok"), args.tok_steps)
+    if tok is None:
         print("family F: the base tokenizer (A1's recipe)", flush=True)
         run(args, "train_tokenizer.py", *FIXED_BASE, "--perceptual_weight", "0", "--max_steps", str(args.tok_steps),
             "--eval_every", str(args.tok_steps), "--grid_every", "-1", "--ckpt_every", str(args.tok_steps),
@@ -263,13 +297,23 @@ def mapped_tokenizer(args, mid, base, path):
     os.replace(path + ".tmp", path)
 
 
+def decoder_stage_flags(args, tok, folder):
+    """Family R's second stage (MAETok's decoder fine-tuning: encoder frozen, the member's mask ratio annealed to 0
+    over the stage) of the tokenizer run `tok`, into `folder`."""
+    n = str(args.dec_steps)
+    return ["--stage", "decoder_finetune", "--init_from", tok, "--perceptual_weight", "0", "--max_steps", n,
+            "--mask_anneal_steps", n, "--eval_every", n, "--grid_every", "-1", "--ckpt_every", n, "--log_every", "50",
+            "--results_dir", folder]
+
+
 def member(args, mid, paths, k, n):
     """Train (or map), cache, denoise (one run per seed), sample, score and measure one member; its summary."""
     fam, what, _ = MEMBERS[mid]
     d = os.path.join(args.out, mid)
     summary = os.path.join(d, "summary.json")
     protocol = {"seeds": args.seeds, "time_dist": args.time_dist, "dit_steps": args.dit_steps,
-                "tok_steps": args.tok_steps, "num_samples": args.num_samples}
+                "tok_steps": args.tok_steps, "num_samples": args.num_samples,
+                **({"dec_steps": args.dec_steps} if fam in DECODER_STAGE else {})}
     if os.path.exists(summary):
         done = json.load(open(summary))
         if done.get("protocol", protocol) != protocol:  # (the A / B summaries predate the record: taken as they are)
@@ -296,14 +340,20 @@ def member(args, mid, paths, k, n):
             mapped_tokenizer(args, mid, fixed_base(args, paths), tok)
         extra["condition_number"] = float(torch.linalg.cond(torch.load(tok, weights_only=True)["ema"]["T"]))
     else:
-        if newest(os.path.join(d, "tok")) is None or not glob.glob(os.path.join(newest(os.path.join(d, "tok")),
-                                                                                "checkpoints", "*.pt")):
+        if finished(os.path.join(d, "tok"), args.tok_steps) is None:
             stage("tokenizer")
             run(args, "train_tokenizer.py", *member_flags(mid, paths, args.out), "--perceptual_weight",
                 "0", "--max_steps", str(args.tok_steps), "--eval_every", str(args.tok_steps), "--grid_every", "-1",
                 "--ckpt_every", str(args.tok_steps), "--log_every", "50", "--results_dir", os.path.join(d, "tok"),
                 *data_flags, *common, log=log)
         tok = newest(os.path.join(d, "tok"))
+        if fam in DECODER_STAGE:
+            if finished(os.path.join(d, "dec"), args.dec_steps) is None:
+                stage("decoder fine-tuning")
+                run(args, "train_tokenizer.py", *decoder_stage_flags(args, tok, os.path.join(d, "dec")), *data_flags,
+                    *common, log=log)
+            extra["psnr_main_stage"] = last_eval_psnr(tok)  # held-out PSNR before the decoder stage
+            tok = newest(os.path.join(d, "dec"))
     cache = os.path.join(d, "cache")
     if not os.path.exists(os.path.join(cache, "meta.json")):
         stage("latent cache")  # A / B: float16, as their tables were measured; F: float32 (T^-1 would amplify
@@ -315,7 +365,7 @@ def member(args, mid, paths, k, n):
     gen, dits = {}, {}
     for seed in args.seeds:
         runs = os.path.join(d, "dit" if seed == 0 else f"dit-seed{seed}")
-        if newest(runs) is None or not glob.glob(os.path.join(newest(runs), "checkpoints", "*.pt")):
+        if finished(runs, args.dit_steps) is None:
             stage(f"denoiser, seed {seed}")
             run(args, "train_diffusion.py", "--model", model, "--cache_path", cache, "--results_dir", runs,
                 "--global_batch_size", str(args.dit_batch), "--lr", "1e-3", "--time_dist", args.time_dist,
@@ -394,7 +444,9 @@ def correlate(rows, target, args):
     the partial r of log target given log rFID (None when rFID is fixed), bootstrap intervals from 10 members up;
     Holm's correction and a verdict for the primary metrics (controlled set)."""
     psnr = np.array([r["psnr"] for r in rows])
-    keep = psnr >= np.median(psnr) - args.psnr_gap
+    fam = rows[0]["family"]
+    keep = (np.abs(psnr - np.median(psnr)) <= args.psnr_band if fam in BAND else
+            psnr >= np.median(psnr) - args.psnr_gap)
     y_all, c_all = np.array([r[target] for r in rows]), np.log([r["proxy_rfid"] for r in rows])
     table = {}
     for key in METRICS:
@@ -418,7 +470,7 @@ def correlate(rows, target, args):
             entry[name] = e
         if entry:
             table[key] = entry
-    fixed = INVARIANT.get(rows[0]["family"], ())
+    fixed = INVARIANT.get(fam, ())
     prim = [k for k in PRIMARY if "controlled" in table.get(k, {}) and k not in fixed]
     for k, p_adj in zip(prim, lm.holm([table[k]["controlled"]["pearson_p"] for k in prim])):
         e = table[k]["controlled"]
@@ -448,7 +500,8 @@ def markdown(rows, table, excluded, target, args):
     head = (f"Proxy gFID ({'no CFG' if target == 'gfid' else f'CFG {args.cfg_scale:g}'}) against each metric, family "
             f"{fam}, {len(rows)} tokenizers" + (f" (gFID: mean of {nf['seeds']} denoiser seeds)" if nf else
                                                 " (one denoiser seed)") + "; excluded by the recon control (PSNR more "
-            f"than {args.psnr_gap:g} dB under the median): {', '.join(excluded) or 'none'}. p: two-sided permutation "
+            + (f"than {args.psnr_band:g} dB from" if fam in BAND else f"than {args.psnr_gap:g} dB under") +
+            f" the median): {', '.join(excluded) or 'none'}. p: two-sided permutation "
             "p-values (exact up to 8 members); partial r: log gFID against the metric given log rFID ('fixed': rFID "
             "held fixed by construction); p Holm over " + ", ".join(
                 k for k in PRIMARY if k not in INVARIANT.get(fam, ())) + ".")

@@ -8,7 +8,7 @@
 # proxy gFID and the class accuracy of samples. Run from the repo root.
 set -euo pipefail
 OUT=${OUT:-results/aligntok}
-ENC=${ENC:-results/quickstart/proxy.pt}       # the foundation encoder (trained on the built-in data)
+ENC=${ENC:-results/quickstart-full/proxy.pt}       # the foundation encoder (trained on the built-in data)
 EVAL=${EVAL:-$OUT/eval_proxy.pt}              # another proxy (seed 1) measures, so no metric is the encoder itself
 mkdir -p "$OUT"
 [ -f "$ENC" ] || python proxy.py --image_size 32 --steps 600 --out "$ENC"

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The tiny adversarial experiment (docs/fidelity.md a.9): the quick start's tokenizer without and
+# The tiny adversarial experiment (docs/fidelity.md a.9): the full quick start's tokenizer without and
 # with the GAN (disc_start 400, weight 0.4 x adaptive, LeCAM 1e-3, CR 4, official DiffAugment), same steps.
 # No DINO weights exist offline: the frozen trunk is a second proxy CNN (seed 1, width 8), never the evaluation
-# proxy (seed 0, width 16). Run from the repo root; about 30 min on 2 cores (reuses the quick start's tokenizer
+# proxy (seed 0, width 16). Run from the repo root; about 30 min on 2 cores (reuses the full quick start's tokenizer
 # and proxy when they exist).
 set -euo pipefail
 OUT=${OUT:-results/gan}
-QS=${QS:-results/quickstart}
+QS=${QS:-results/quickstart-full}
 mkdir -p "$OUT"
 run() { echo "+ $*"; "$@"; }
 [ -f "$QS/proxy.pt" ] || run python proxy.py --image_size 32 --steps 600 --out "$QS/proxy.pt"

@@ -8,7 +8,7 @@
 # from the repo root; it resumes (what exists is skipped); ~40 min on 2 cores with the latent metrics.
 set -euo pipefail
 OUT=${OUT:-results/mactok}
-TEACHER=${TEACHER:-results/quickstart/proxy.pt}
+TEACHER=${TEACHER:-results/quickstart-full/proxy.pt}
 mkdir -p "$OUT"
 [ -f "$TEACHER" ] || python proxy.py --image_size 32 --steps 600 --out "$TEACHER"
 train() {  # name, extra flags

@@ -4,7 +4,7 @@ Does MacTok's teacher-guided masking mask the object? On held-out built-in image
 teacher's cls-patch cosine) against random masking's, at the same ratios. A patch is foreground when more than
 half of its pixels are.
 
-  python experiments/semantic_mask_fg.py --teacher_proxy_ckpt results/quickstart/proxy.pt
+  python experiments/semantic_mask_fg.py --teacher_proxy_ckpt results/quickstart-full/proxy.pt
 """
 import argparse
 import os

@@ -119,3 +119,17 @@ def test_the_tokenizer_training_step_is_written_out_in_the_loop():
     loop = next(n for n in ast.walk(main) if isinstance(n, ast.While))
     nested = [n for n in ast.walk(loop) if isinstance(n, (ast.FunctionDef, ast.Lambda))]
     assert not nested and "ema_update" in ast.unparse(loop) and "next(stream)" in ast.unparse(loop)
+
+
+def test_the_quick_start_passes_only_flags_its_scripts_have():
+    """quickstart.sh keeps each mode's flags in bash arrays (TOK_FLAGS, ...), outside any documented command."""
+    text = (ROOT / "quickstart.sh").read_text()
+    for name, head in (("TOK_FLAGS", ["train_tokenizer.py"]), ("DIT_FLAGS", ["train_diffusion.py"]),
+                       ("LATENT_FLAGS", ["evaluate.py", "latent"])):
+        arrays = re.findall(rf"^\s*{name}=\((.*?)\)", text, flags=re.M | re.S)
+        flags = set(re.findall(r"--[a-z0-9_]+", " ".join(arrays)))
+        assert len(arrays) == 2 and flags, name                             # the default and --full
+        r = subprocess.run([sys.executable, *head, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert flags <= set(re.findall(r"--[a-z0-9_]+", r.stdout)), (name, flags)
+    r = subprocess.run(["bash", str(ROOT / "quickstart.sh"), "--ful"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "usage: bash quickstart.sh [--full]" in r.stderr

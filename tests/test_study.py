@@ -26,14 +26,38 @@ def _train_two_steps(mid, paths, out, folder):
     return open(next(folder.glob("*/log.txt"))).read()
 
 
+# each distinct recipe once (family R's mask ratios differ from A2's in numbers only: R5 stands for them below)
+TRAINED = {tuple(f): m for m, (_, _, f) in reversed(study.MEMBERS.items()) if f is not None and m[0] != "R"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mid", sorted(m for m in study.MEMBERS if study.MEMBERS[m][2] is not None))
+@pytest.mark.parametrize("mid", sorted(TRAINED.values()))
 def test_each_member_builds_and_trains_two_steps(mid, teacher, tmp_path):
     paths = {"teacher": teacher}
     if mid in study.PARENTS:  # a later stage: its parent member's tokenizer first, where member() puts it
         _train_two_steps(study.PARENTS[mid], paths, tmp_path, tmp_path / study.PARENTS[mid] / "tok")
     log = _train_two_steps(mid, paths, tmp_path, tmp_path / "run")
     assert "step 2" in log or "held-out PSNR" in log
+
+
+def test_family_r_trains_its_two_stages_and_keeps_a_psnr_band(tmp_path):
+    log = _train_two_steps("R5", {}, tmp_path, tmp_path / "tok")            # mask 0.6-0.75 + HOG, 2 steps
+    args = study.parse_args(["--family", "R", "--dec_steps", "2", "--out", str(tmp_path)])
+    assert args.members == ["R1", "R2", "R3", "R4", "R5", "R6"] and "held-out PSNR" in log
+    tok = study.finished(str(tmp_path / "tok"), 2)
+    train_tokenizer.main(study.decoder_stage_flags(args, tok, str(tmp_path / "dec")) + [
+        "--global_batch_size", "4", "--builtin_size", "16", "--eval_images", "8", "--num_workers", "0"])
+    dec = study.finished(str(tmp_path / "dec"), 2)
+    assert study.finished(str(tmp_path / "dec"), 300) is None             # another length: not this call's run
+    text = open(dec + "log.txt").read()
+    assert "decoder_finetune" in text and study.last_eval_psnr(dec) is not None
+    # the recon control of family R: two-sided, +-1 dB around the median PSNR (A / B: one-sided, 2 dB under)
+    rows = [{"id": f"R{i}", "family": "R", "what": "", "psnr": p, "proxy_rfid": 10.0 + i, "gfid": 20.0 + i,
+             "gfid_cfg": 10.0 + i, "viv_norm": 0.1 * i, "lnc": 0.5 - 0.01 * i, "linear_probe_accuracy": 0.3}
+            for i, p in enumerate([25.0, 25.5, 24.6, 26.4, 23.4, 25.2], 1)]
+    table, excluded = study.correlate(rows, "gfid", args)
+    assert excluded == ["R4", "R5"] and table["viv_norm"]["controlled"]["n"] == 4
+    assert "more than 1 dB from the median" in study.markdown(rows, table, excluded, "gfid", args)
 
 
 def test_members_of_a_later_stage_need_their_parent_first():
