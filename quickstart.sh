@@ -3,7 +3,7 @@
 # -> metrics table, each stage's time printed as it ends (docs/benchmarks.md has the measured times and tables).
 #   bash quickstart.sh          about 5 minutes on 2 cores of a recent Xeon: the tiny tokenizer as a plain
 #                               autoencoder (no masking: MAETok's AE baseline), a short denoiser at a high lr
-#   bash quickstart.sh --full   about 18 minutes: the tiny MAETok (mask modeling with the HOG target), 3600 denoiser steps
+#   bash quickstart.sh --full   about 18 minutes: the tiny MAETok (mask modeling, HOG target), 3600 denoiser steps
 # Everything lands in $OUT (default results/quickstart, or results/quickstart-full). LPIPS needs the VGG16 ImageNet
 # weights, which an offline machine cannot download: the perceptual loss and the LPIPS metric are off here.
 set -euo pipefail

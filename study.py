@@ -92,9 +92,9 @@ FIXED = {"F01": ("identity", 1), "F02": ("lda_gain", 0.25), "F03": ("lda_gain", 
          "F09": ("pca_power", 2), "F10": ("mix", 10), "F11": ("mix", 100), "F12": ("mix", 1000)}
 MEMBERS.update({m: ("F", f"A1 latents through {kind} {v:g}", None) for m, (kind, v) in FIXED.items()})
 # family R, the regularisation axis with reconstruction controlled both ways: MAETok-tiny's mask ratio (the paper's
-# regulariser; the HOG target of the masked patches from a ratio > 0) swept from 0 to 0.9, every member then given MAETok's decoder
-# fine-tuning (encoder frozen, mask annealed to 0: the paper's way to recover reconstruction, --dec_steps); only
-# members within --psnr_band dB of the family's median PSNR enter the correlations
+# regulariser; the HOG target of the masked patches from a ratio > 0) swept from 0 to 0.9, every member then given
+# MAETok's decoder fine-tuning (encoder frozen, mask annealed to 0: the paper's way to recover reconstruction,
+# --dec_steps); only members within --psnr_band dB of the family's median PSNR enter the correlations
 masked = lambda lo, hi: MAE + ["--mask_ratio", f"{hi:g}", "--mask_ratio_min", f"{lo:g}"]
 MEMBERS.update({
     "R1": ("R", "plain AE (mask 0, no aux target)", FIXED_BASE),
