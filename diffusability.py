@@ -50,9 +50,11 @@ def token_layout(tok, trained):
     """(grid, positions (T, 2), patch -> token map, prefix) where a spatial reading exists: a grid tokenizer's own
     cells, or MacTok's local alignment (in the config it was trained with, `trained`), which gives token j the
     patches j N/L ... consecutively, a (g, g L / N) token grid of footprints; None for free 1D tokens."""
+    if tok.grid is not None:  # one token per patch (a latent map's shuffle moves them: its patch_owner)
+        owner = getattr(tok, "patch_owner", None)
+        owner = torch.arange(tok.grid[0] * tok.grid[1]) if owner is None else owner.cpu()
+        return tuple(tok.grid), lm.grid_coords(*tok.grid), owner, ""
     c = tok.cfg
-    if tok.grid is not None:
-        return tuple(tok.grid), lm.grid_coords(*tok.grid), torch.arange(c.num_patches), ""
     if "local" not in trained.get("align", ()) or c.num_patches % c.num_latent_tokens:
         return None
     per, g = c.num_patches // c.num_latent_tokens, c.grid_size
@@ -65,7 +67,7 @@ def token_layout(tok, trained):
 def fg_tokens(src, idx, tok, layout):
     """Foreground per token (N, T): a patch is FG if any of its pixels is (coverage > 0.5), a token if any of
     its patches is (iREPA's max-pool)."""
-    p = tok.cfg.patch_size
+    p = tok.image_size // layout[0][0]                                        # a layout row is a row of patches
     m = torch.stack([torch.from_numpy(src.mask(i) > 0.5) for i in idx]).float()[:, None]
     patch = F.max_pool2d(m, p).flatten(1) > 0                                  # (N, num_patches)
     owner = layout[2]
@@ -110,7 +112,7 @@ def diffusability_metrics(z_tr, y_tr, z_va, y_va, layout, fg, args, device=None,
     res["iv_curve"] = {"t": ts, "iv_per_dim": lm.iv_curve(v["eigs"], ts)}
     U = torch.stack([lm.flip_flop(u_va[y_va == c])[0] for c in torch.unique(y_va)]).mean(0)
     res.update(lm.sec_1d(torch.linalg.eigvalsh(U)))
-    res["lnc"] = lm.lnc(u_va.flatten(1), y_va, args.lnc_k, device)           # 1D tokens: the flattened latent
+    res["lnc"] = lm.lnc(u_va.flatten(1), y_va, args.lnc_k, device)           # the flattened latent (grids too)
     res["linear_probe_accuracy"] = lm.linear_probe(u_tr, y_tr, u_va, y_va)
     dim = lm.pca_dim(u_tr.flatten(1), 0.9)
     x_tr, x_va = lm.pca_standardize(u_tr.flatten(1), dim, u_va.flatten(1))

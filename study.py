@@ -8,6 +8,8 @@ floor; a bootstrap interval only from 10 members up. It writes a markdown table,
 
   F: reconstruction held fixed by construction (the primary test): one plain AE, 12 invertible linear maps of its
      latents (latent_map.py), decoded through the inverse: identical PSNR / rFID, different latent geometry
+  G: the same design on a 2D grid (the spatial metrics and SEC): B1's network seen through spatial filters of its
+     token grid, the same on every channel (blur, sharpen, a shuffle of the positions)
   R: the regularisation axis with reconstruction controlled both ways: MAETok-tiny's mask ratio from 0 to 0.9, each
      member followed by the decoder fine-tuning stage; only members within --psnr_band dB of the median are correlated
   A: 1D-token tokenizers trained with the paper's regularisations (KL, masking, alignment); B: 2D grids (AlignTok's
@@ -15,6 +17,7 @@ floor; a bootstrap interval only from 10 members up. It writes a markdown table,
 
   python study.py                               # family F: 12 members x 2 denoiser seeds (docs/study.md: time)
   python study.py --family R --out results/study-R   # the mask-ratio family (docs/study.md: time)
+  python study.py --family G --out results/study-G   # the grid family (docs/study.md: time)
   python study.py --family A,B --seeds 0        # the trained families
   python study.py --members F01,F05 --out results/study-x
   python study.py --launcher "torchrun --nproc_per_node=8" --data_path /data/imagenet/train \\
@@ -91,6 +94,17 @@ FIXED = {"F01": ("identity", 1), "F02": ("lda_gain", 0.25), "F03": ("lda_gain", 
          "F05": ("lda_gain", 8), "F06": ("pca_power", 0), "F07": ("pca_power", 0.5), "F08": ("pca_power", 1.5),
          "F09": ("pca_power", 2), "F10": ("mix", 10), "F11": ("mix", 100), "F12": ("mix", 1000)}
 MEMBERS.update({m: ("F", f"A1 latents through {kind} {v:g}", None) for m, (kind, v) in FIXED.items()})
+# family G, the same design on a 2D grid, for the spatial metrics (LDS, CDS) and SEC: B1's network (AlignTok-tiny from
+# scratch: no teacher, so nothing circular with the proxy that scores gFID), its 8 x 8 token grid filtered the same way
+# on every channel: Gaussian blur and its inverse (sharpen) at two widths, and a fixed shuffle of the positions,
+# which keeps every per-token statistic (VIV, LNC) and destroys spatial neighbourhoods
+GRID_BASE = MEMBERS["B1"][2]
+GRID_FIXED = {"G1": ("identity", 1), "G2": ("blur", 0.5), "G3": ("blur", 0.8), "G4": ("sharpen", 0.5),
+              "G5": ("sharpen", 0.8), "G6": ("shuffle", 0)}
+FIXED.update(GRID_FIXED)
+MEMBERS.update({m: ("G", f"B1 latents through {kind}" + (f" {v:g}" if kind != "shuffle" else ""), None)
+                for m, (kind, v) in GRID_FIXED.items()})
+MAPPED = {"F": ("F-base", FIXED_BASE), "G": ("G-base", GRID_BASE)}  # family: its base's folder and flags
 # family R, the regularisation axis with reconstruction controlled both ways: MAETok-tiny's mask ratio (the paper's
 # regulariser; the HOG target of the masked patches from a ratio > 0) swept from 0 to 0.9, every member then given
 # MAETok's decoder fine-tuning (encoder frozen, mask annealed to 0: the paper's way to recover reconstruction,
@@ -108,11 +122,13 @@ DECODER_STAGE = ("R",)  # families whose members add the decoder fine-tuning sta
 BAND = ("R",)  # families whose recon control is two-sided (+-psnr_band), the rest one-sided (psnr_gap under)
 SMOKE = ["F01", "F04", "F06", "F11"]
 PRIMARY = ("viv_norm", "lnc", "linear_probe_accuracy")  # Holm's correction runs over these (the paper's main three)
+# ... plus, in the grid family built to test them, SEC and LDS (the spatial metrics of the paper's Section 4)
+PRIMARY_OF = {"G": PRIMARY + ("sec_0.5", "lds")}
 # ... except where a design holds one fixed: an invertible linear map leaves the classes a linear probe can separate
-# unchanged (up to its regularisation), so family F cannot test the probe
-INVARIANT = {"F": ("linear_probe_accuracy",)}
+# unchanged (up to its regularisation), so families F and G cannot test the probe
+INVARIANT = {"F": ("linear_probe_accuracy",), "G": ("linear_probe_accuracy",)}
 # the metrics correlated with gFID, and the direction the paper reports (+: higher metric, worse gFID); the
-# grid-only ones (SEC, LDS, CDS, SRSS, LNC-FG, the direct equivariance error) enter family B's table only
+# grid-only ones (SEC, LDS, CDS, SRSS, LNC-FG, the direct equivariance error) enter families B's and G's only
 METRICS = {"viv_norm": "+", "viv_marginal_norm": "+", "lnc": "-", "linear_probe_accuracy": "-",
            "gmm_nll_per_dim_k10": "+", "sec1d_0.5": "+", "sec_0.5": "+", "lds": "-", "cds": "-", "srss": "-",
            "lnc_fg": "-", "rmsc": "-", "density_cv": "weak", "gini": "weak",
@@ -125,15 +141,15 @@ METRICS = {"viv_norm": "+", "viv_marginal_norm": "+", "lnc": "-", "linear_probe_
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="the diffusability study at small scale")
     p.add_argument("--out", default="results/study", help="study folder (one sub-folder per member)")
-    p.add_argument("--family", default="F", help="comma list of families: F (fixed reconstruction), R (mask ratio, "
-                   "reconstruction within a band), A, B")
+    p.add_argument("--family", default="F", help="comma list of families: F (fixed reconstruction), G (the same on "
+                   "a grid), R (mask ratio, reconstruction within a band), A, B")
     p.add_argument("--members", default=None, help="comma list of member ids (default: every member of --family)")
     p.add_argument("--smoke", action="store_true", help=f"only {','.join(SMOKE)}")
     p.add_argument("--seeds", default="0,1", help="denoiser seeds per member (their spread is the noise floor)")
     p.add_argument("--time_dist", default="uniform", choices=["uniform", "logit_normal"],
                    help="the denoisers' training t (uniform: as the paper's SiT; the A / B tables of docs/study.md "
                         "were measured with logit_normal and one seed)")
-    p.add_argument("--monitor_every", type=int, default=100, help="family F's base tokenizer: the diffusability "
+    p.add_argument("--monitor_every", type=int, default=100, help="families F / G's base tokenizer: the diffusability "
                    "monitor's interval (train_tokenizer.py --diffusability_every)")
     p.add_argument("--launcher", default=sys.executable, help="how to run the scripts, e.g. 'torchrun --nproc_per_node=8'")
     p.add_argument("--data_path", default="builtin", help="training images (every script)")
@@ -170,7 +186,7 @@ def parse_args(argv=None):
         args.members = [m for m in MEMBERS if MEMBERS[m][0] in fams]
     args.seeds = [int(v) for v in args.seeds.split(",") if v]
     if not args.members or not args.seeds:
-        p.error("no members (--family F, A, B or --members) or no --seeds")
+        p.error("no members (--family F, G, R, A, B or --members) or no --seeds")
     bad = [m for m in args.members if m not in MEMBERS]
     if bad:
         p.error(f"unknown members {bad}: choose from {sorted(MEMBERS)}")
@@ -252,16 +268,17 @@ def digest(path):
     return h.hexdigest()[:16]
 
 
-def fixed_base(args, paths):
-    """Family F's base: A1's plain AE trained once (with the diffusability monitor on), its float32 latent cache,
-    and (z (N, L, C), labels) of the cache's images, from which every map is made."""
-    d = os.path.join(args.out, "F-base")
+def fixed_base(args, fam):
+    """The base of a mapped family (F: A1's plain AE; G: B1's grid) trained once (with the diffusability monitor
+    on), its float32 latent cache, and (z (N, L, C), labels) of the cache's images, from which every map is made."""
+    folder, flags = MAPPED[fam]
+    d = os.path.join(args.out, folder)
     log = os.path.join(d, "log.txt")
     os.makedirs(d, exist_ok=True)
     tok = finished(os.path.join(d, "tok"), args.tok_steps)
     if tok is None:
-        print("family F: the base tokenizer (A1's recipe)", flush=True)
-        run(args, "train_tokenizer.py", *FIXED_BASE, "--perceptual_weight", "0", "--max_steps", str(args.tok_steps),
+        print(f"family {fam}: the base tokenizer", flush=True)
+        run(args, "train_tokenizer.py", *flags, "--perceptual_weight", "0", "--max_steps", str(args.tok_steps),
             "--eval_every", str(args.tok_steps), "--grid_every", "-1", "--ckpt_every", str(args.tok_steps),
             "--log_every", "50", "--diffusability_every", str(args.monitor_every), "--results_dir",
             os.path.join(d, "tok"), "--data_path", args.data_path, "--builtin_size", str(args.builtin_size),
@@ -269,7 +286,7 @@ def fixed_base(args, paths):
         tok = newest(os.path.join(d, "tok"))
     cache = os.path.join(d, "cache")
     if not os.path.exists(os.path.join(cache, "meta.json")):
-        print("family F: the base latent cache", flush=True)
+        print(f"family {fam}: the base latent cache", flush=True)
         run(args, "cache_latents.py", "--tokenizer_ckpt", tok, "--cache_path", cache, "--data_path", args.data_path,
             "--builtin_size", str(args.cache_images), "--num_workers", str(args.num_workers), log=log)
     c = data.LatentCache(cache)
@@ -279,14 +296,14 @@ def fixed_base(args, paths):
 
 
 def mapped_tokenizer(args, mid, base, path):
-    """A family-F member: the base tokenizer and its map T, saved as a tokenizer checkpoint (latent_map.py)."""
+    """A family-F / G member: the base tokenizer and its map T, saved as a tokenizer checkpoint (latent_map.py)."""
     tok_path, z, y = base
     ckpt = released.load(tok_path)
     base_tok = tokenizer.from_checkpoint(ckpt)
     mean, std = z.double().mean((0, 1)), z.double().std((0, 1))
     u = ((z.double() - mean) / std).flatten(1)                               # (N, L C)
     kind, value = FIXED[mid]
-    T = latent_map.make_map(kind, value, u, y, seed=0)  # one rotation pair for every kappa: only kappa varies
+    T = latent_map.make_map(kind, value, u, y, seed=0, grid=base_tok.grid)  # one rotation pair for every kappa
     cfg = latent_map.LatentMapConfig(base=asdict(base_tok.cfg), map=kind, value=float(value), seed=0)
     tok = tokenizer.build(cfg)
     tok.base.load_state_dict(base_tok.state_dict())
@@ -333,11 +350,11 @@ def member(args, mid, paths, k, n):
     data_flags = ["--data_path", args.data_path, "--builtin_size", str(args.builtin_size)]
     common = ["--num_workers", str(args.num_workers)]
     extra = {}
-    if fam == "F":
+    if fam in MAPPED:
         tok = os.path.join(d, "tokenizer.pt")
         if not os.path.exists(tok):
             stage("mapped tokenizer")
-            mapped_tokenizer(args, mid, fixed_base(args, paths), tok)
+            mapped_tokenizer(args, mid, fixed_base(args, fam), tok)
         extra["condition_number"] = float(torch.linalg.cond(torch.load(tok, weights_only=True)["ema"]["T"]))
     else:
         if finished(os.path.join(d, "tok"), args.tok_steps) is None:
@@ -356,10 +373,10 @@ def member(args, mid, paths, k, n):
             tok = newest(os.path.join(d, "dec"))
     cache = os.path.join(d, "cache")
     if not os.path.exists(os.path.join(cache, "meta.json")):
-        stage("latent cache")  # A / B: float16, as their tables were measured; F: float32 (T^-1 would amplify
+        stage("latent cache")  # A / B: float16, as their tables were measured; F / G: float32 (T^-1 would amplify
         run(args, "cache_latents.py", "--tokenizer_ckpt", tok, "--cache_path", cache, "--data_path",  # rounding)
             args.data_path, "--builtin_size", str(args.cache_images), "--cache_dtype",
-            "float32" if fam == "F" else "float16", *common, log=log)
+            "float32" if fam in MAPPED else "float16", *common, log=log)
     model = args.dit_model_2d if json.load(open(os.path.join(cache, "meta.json"))).get("grid") else args.dit_model
     P = ["--feature_net", "proxy", "--proxy_ckpt", paths["proxy"]]
     gen, dits = {}, {}
@@ -417,8 +434,13 @@ def member(args, mid, paths, k, n):
 
 
 def spread_is_nil(x):
-    """A value held fixed by construction (family F's PSNR and rFID differ in float rounding only)."""
+    """A value held fixed by construction (families F / G: PSNR and rFID differ in float rounding only)."""
     return np.ptp(x) <= 1e-3 * max(np.abs(x).max(), 1e-12)
+
+
+def primary(fam):
+    """The metrics Holm's correction runs over in a family: its primary ones but those fixed by its design."""
+    return [k for k in PRIMARY_OF.get(fam, PRIMARY) if k not in INVARIANT.get(fam, ())]
 
 
 def verdict(e, sign, n_tests, args):
@@ -471,7 +493,7 @@ def correlate(rows, target, args):
         if entry:
             table[key] = entry
     fixed = INVARIANT.get(fam, ())
-    prim = [k for k in PRIMARY if "controlled" in table.get(k, {}) and k not in fixed]
+    prim = [k for k in primary(fam) if "controlled" in table.get(k, {})]
     for k, p_adj in zip(prim, lm.holm([table[k]["controlled"]["pearson_p"] for k in prim])):
         e = table[k]["controlled"]
         e["pearson_p_holm"] = p_adj
@@ -503,8 +525,7 @@ def markdown(rows, table, excluded, target, args):
             + (f"than {args.psnr_band:g} dB from" if fam in BAND else f"than {args.psnr_gap:g} dB under") +
             f" the median): {', '.join(excluded) or 'none'}. p: two-sided permutation "
             "p-values (exact up to 8 members); partial r: log gFID against the metric given log rFID ('fixed': rFID "
-            "held fixed by construction); p Holm over " + ", ".join(
-                k for k in PRIMARY if k not in INVARIANT.get(fam, ())) + ".")
+            "held fixed by construction); p Holm over " + ", ".join(primary(fam)) + ".")
     lines = [head, ""]
     if nf:
         lines += [f"Seed noise floor: within-member SD {nf['within_sd']:.2f}, between-member SD {nf['between_sd']:.2f}, "
@@ -521,13 +542,15 @@ def markdown(rows, table, excluded, target, args):
         lines.append(f"| {key} | {METRICS[key]} | {c['pearson']:+.2f} | {c['pearson_p']:.3f} | {c['spearman']:+.2f} | "
                      f"{c['spearman_p']:.3f} | {pr} | {holm} | {c.get('verdict', '-')} | "
                      f"{a['pearson']:+.2f} | {c['n']} |")
-    lines += ["", "| id | tokenizer | PSNR | proxy rFID | gFID | gFID CFG | VIV_norm | LNC | probe |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    extra = [k for k in PRIMARY_OF.get(fam, PRIMARY) if k not in PRIMARY]  # G: its spatial metrics too
+    lines += ["", "| id | tokenizer | PSNR | proxy rFID | gFID | gFID CFG | VIV_norm | LNC | probe |" +
+              "".join(f" {k} |" for k in extra), "|---|---|---|---|---|---|---|---|---|" + "---|" * len(extra)]
     for r in rows:
         g = lambda k: f"{r[k]:.2f}" + (f" ({', '.join(f'{v:.1f}' for v in r[k + '_seeds'])})"
                                        if len(r.get(k + "_seeds") or []) > 1 else "")
         lines.append(f"| {r['id']} | {r['what']} | {r['psnr']:.2f} | {r['proxy_rfid']:.1f} | {g('gfid')} | "
-                     f"{g('gfid_cfg')} | {r['viv_norm']:.3f} | {r['lnc']:.3f} | {r['linear_probe_accuracy']:.3f} |")
+                     f"{g('gfid_cfg')} | {r['viv_norm']:.3f} | {r['lnc']:.3f} | {r['linear_probe_accuracy']:.3f} |" +
+                     "".join(f" {r.get(k, float('nan')):.3f} |" for k in extra))
     return "\n".join(lines) + "\n"
 
 

@@ -7,7 +7,8 @@ Every family: a config dataclass with a `family` field and named presets, build(
 released.load reads any path), encode(x) -> (B, L, C) (a grid tokenizer also reports its (H, W) as `grid`),
 decode(z), forward(x, ...) -> dict of scalar losses with 'loss' (plus the reconstruction 'rec' that the trainer's
 perceptual and adversarial terms need), and its stages: what each one trains (param_groups). A latent_map
-tokenizer (latent_map.py) wraps any trained 1D-token tokenizer with an invertible linear map of its latents.
+tokenizer (latent_map.py) wraps a trained tokenizer with an invertible linear map of its latents (of a grid's
+positions on a grid tokenizer).
 """
 import json
 from dataclasses import dataclass, replace

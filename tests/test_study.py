@@ -152,3 +152,27 @@ def test_the_proxy_never_runs_under_the_launcher(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "8")
     with pytest.raises(SystemExit, match="trains on one process"):
         proxy.main(["--steps", "1"])
+
+
+@pytest.mark.slow
+def test_a_grid_member_is_its_base_through_a_spatial_map(tmp_path):
+    """Family G's chain as member() runs it: the base (B1's grid, the monitor on) trained and cached once, then a
+    member's mapped tokenizer, which keeps the grid and reconstructs exactly as the base."""
+    import torch
+    import released
+    import tokenizer
+    args = study.parse_args(["--family", "G", "--out", str(tmp_path), "--tok_steps", "2", "--builtin_size", "64",
+                             "--cache_images", "32", "--monitor_every", "2", "--num_workers", "0"])
+    assert args.members[0] == "G1" and len(args.members) == 6
+    base = study.fixed_base(args, "G")
+    tok_path, z, y = base
+    assert z.shape == (32, 64, 8) and len(y) == 32                      # AlignTok-tiny: an 8 x 8 x 8 grid
+    assert "monitor_lnc" in open(tok_path + "metrics.jsonl").read()
+    path = str(tmp_path / "G3.pt")
+    study.mapped_tokenizer(args, "G3", base, path)                          # blur 0.8
+    tok, ref = (tokenizer.from_checkpoint(released.load(p)) for p in (path, tok_path))
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        v, z0 = tok.encode(x), ref.encode(x)
+        assert tok.grid == (8, 8) and (tok.decode(v) - ref.decode(z0)).abs().max() < 1e-5
+    assert (v - z0).abs().max() > 1e-2
