@@ -97,7 +97,7 @@ MEMBERS.update({m: ("F", f"A1 latents through {kind} {v:g}", None) for m, (kind,
 # family G, the same design on a 2D grid, for the spatial metrics (LDS, CDS) and SEC: B1's network (AlignTok-tiny from
 # scratch: no teacher, so nothing circular with the proxy that scores gFID), its 8 x 8 token grid filtered the same way
 # on every channel: Gaussian blur and its inverse (sharpen) at two widths, and a fixed shuffle of the positions,
-# which keeps every per-token statistic (VIV, LNC) and destroys spatial neighbourhoods
+# which keeps VIV_norm and LNC exactly and destroys spatial neighbourhoods
 GRID_BASE = MEMBERS["B1"][2]
 GRID_FIXED = {"G1": ("identity", 1), "G2": ("blur", 0.5), "G3": ("blur", 0.8), "G4": ("sharpen", 0.5),
               "G5": ("sharpen", 0.8), "G6": ("shuffle", 0)}
